@@ -1,0 +1,234 @@
+/* See ldfix_native.h. */
+#define _GNU_SOURCE
+#include "ldfix_native.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <linux/openat2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define LDFIX_IOV_MAX 1024
+
+static int use_fallback(int err)
+{
+    return err == ENOSYS || err == EPERM;
+}
+
+/* One pass of process_vm_{readv,writev} over regions [first, n).  Returns the
+ * index of the first region not yet handled, or -errno. */
+static ssize_t vm_batch(int pid, int write, size_t first, size_t n,
+                        const uint64_t *addrs, const uint64_t *lens,
+                        unsigned char *buf, const size_t *offs, int64_t *done)
+{
+    struct iovec local[LDFIX_IOV_MAX], remote[LDFIX_IOV_MAX];
+    size_t cnt = n - first, i;
+    ssize_t r;
+
+    if (cnt > LDFIX_IOV_MAX)
+        cnt = LDFIX_IOV_MAX;
+    for (i = 0; i < cnt; i++) {
+        local[i].iov_base = buf + offs[first + i];
+        local[i].iov_len = lens[first + i];
+        remote[i].iov_base = (void *)(uintptr_t)addrs[first + i];
+        remote[i].iov_len = lens[first + i];
+    }
+    if (write)
+        r = process_vm_writev(pid, local, cnt, remote, cnt, 0);
+    else
+        r = process_vm_readv(pid, local, cnt, remote, cnt, 0);
+    if (r < 0) {
+        if (errno == EFAULT) {
+            /* Nothing transferred: the first region faults at once. */
+            done[first] = 0;
+            return (ssize_t)first + 1;
+        }
+        return -errno;
+    }
+    /* Attribute the byte count to regions in order; the region where the
+     * transfer stopped gets what it got and the next pass starts after it. */
+    for (i = 0; i < cnt; i++) {
+        uint64_t want = lens[first + i];
+        if ((uint64_t)r >= want) {
+            done[first + i] = (int64_t)want;
+            r -= (ssize_t)want;
+            continue;
+        }
+        done[first + i] = r;
+        return (ssize_t)(first + i + 1);
+    }
+    return (ssize_t)(first + cnt);
+}
+
+static int mem_fallback(int memfd, int write, size_t first, size_t n,
+                        const uint64_t *addrs, const uint64_t *lens,
+                        unsigned char *buf, const size_t *offs, int64_t *done)
+{
+    size_t i;
+
+    if (memfd < 0)
+        return -ENOSYS;
+    for (i = first; i < n; i++) {
+        uint64_t got = 0;
+        while (got < lens[i]) {
+            ssize_t r;
+            if (write)
+                r = pwrite(memfd, buf + offs[i] + got, lens[i] - got,
+                           (off_t)(addrs[i] + got));
+            else
+                r = pread(memfd, buf + offs[i] + got, lens[i] - got,
+                          (off_t)(addrs[i] + got));
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r < 0 && (errno == EIO || errno == EFAULT))
+                break;
+            if (r < 0)
+                return -errno;
+            if (r == 0)
+                break;
+            got += (uint64_t)r;
+        }
+        done[i] = (int64_t)got;
+    }
+    return 0;
+}
+
+static int vm_access(int pid, int memfd, int write, size_t n,
+                     const uint64_t *addrs, const uint64_t *lens,
+                     unsigned char *buf, int64_t *done)
+{
+    size_t offs_stack[256];
+    size_t *offs = offs_stack, i, off = 0;
+    size_t pos = 0;
+    int ret = 0;
+
+    if (n > 256) {
+        /* The only allocation here; callers batch at most a few thousand. */
+        offs = calloc(n, sizeof *offs);
+        if (!offs)
+            return -ENOMEM;
+    }
+    for (i = 0; i < n; i++) {
+        offs[i] = off;
+        off += lens[i];
+        done[i] = 0;
+    }
+    while (pos < n) {
+        ssize_t next = vm_batch(pid, write, pos, n, addrs, lens, buf, offs, done);
+        if (next < 0) {
+            if (use_fallback((int)-next))
+                ret = mem_fallback(memfd, write, pos, n, addrs, lens, buf, offs, done);
+            else
+                ret = (int)next;
+            break;
+        }
+        pos = (size_t)next;
+    }
+    if (offs != offs_stack)
+        free(offs);
+    return ret;
+}
+
+int ldfix_vm_read(int pid, int memfd, size_t n, const uint64_t *addrs,
+                  const uint64_t *lens, unsigned char *buf, int64_t *done)
+{
+    return vm_access(pid, memfd, 0, n, addrs, lens, buf, done);
+}
+
+int ldfix_vm_write(int pid, int memfd, size_t n, const uint64_t *addrs,
+                   const uint64_t *lens, const unsigned char *buf,
+                   int64_t *done)
+{
+    return vm_access(pid, memfd, 1, n, addrs, lens, (unsigned char *)buf, done);
+}
+
+int ldfix_open_in_root(int rootfd, const char *path)
+{
+    struct open_how how;
+    long fd;
+
+    memset(&how, 0, sizeof how);
+    how.flags = O_PATH | O_CLOEXEC;
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
+    fd = syscall(SYS_openat2, rootfd, path, &how, sizeof how);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int ldfix_open_regular(int pathfd)
+{
+    struct stat st;
+    struct statfs sfs;
+    char link[64];
+    int fd;
+
+    if (fstat(pathfd, &st) < 0)
+        return -errno;
+    if (!S_ISREG(st.st_mode))
+        return -EINVAL;
+    if (fstatfs(pathfd, &sfs) < 0)
+        return -errno;
+    if (sfs.f_type == PROC_SUPER_MAGIC || sfs.f_type == SYSFS_MAGIC)
+        return -EXDEV;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", pathfd);
+    fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    return fd < 0 ? -errno : fd;
+}
+
+static int ptrace_ret(long r)
+{
+    return r < 0 ? -errno : 0;
+}
+
+int ldfix_ptrace_seize(int tid, unsigned long options)
+{
+    return ptrace_ret(ptrace(PTRACE_SEIZE, tid, 0, (void *)options));
+}
+
+int ldfix_ptrace_interrupt(int tid)
+{
+    return ptrace_ret(ptrace(PTRACE_INTERRUPT, tid, 0, 0));
+}
+
+int ldfix_ptrace_detach(int tid, int sig)
+{
+    return ptrace_ret(ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig));
+}
+
+int ldfix_ptrace_traceme(void)
+{
+    return ptrace_ret(ptrace(PTRACE_TRACEME, 0, 0, 0));
+}
+
+int ldfix_ptrace_cont(int tid, int sig)
+{
+    return ptrace_ret(ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig));
+}
+
+int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg)
+{
+    return ptrace_ret(ptrace(PTRACE_GETEVENTMSG, tid, 0, msg));
+}
+
+int ldfix_waitpid(int tid, int *status, int options)
+{
+    pid_t r;
+
+    do
+        r = waitpid(tid, status, options | __WALL);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : (int)r;
+}
+
+int ldfix_tgkill(int tgid, int tid, int sig)
+{
+    return syscall(SYS_tgkill, tgid, tid, sig) < 0 ? -errno : 0;
+}

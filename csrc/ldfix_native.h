@@ -1,0 +1,47 @@
+/* ldfix native helpers: batched remote memory access, confined path
+ * resolution and the ptrace calls used to freeze a target.
+ *
+ * Every function returns a non-negative value on success and -errno on
+ * failure; nothing here prints, allocates or keeps state. */
+#ifndef LDFIX_NATIVE_H
+#define LDFIX_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Read n regions of process pid into buf (the regions laid end to end).
+ * done[i] receives the bytes transferred for region i (a region that faults
+ * part way is short, one that faults at once is 0).  process_vm_readv is
+ * used in batches of up to 1024 regions; when it is unavailable (ENOSYS,
+ * EPERM from a seccomp filter) and memfd >= 0, pread on /proc/PID/mem is
+ * used instead.  Returns 0, or -errno for an error that concerns the whole
+ * process (ESRCH, EPERM, ...). */
+int ldfix_vm_read(int pid, int memfd, size_t n, const uint64_t *addrs,
+                  const uint64_t *lens, unsigned char *buf, int64_t *done);
+
+/* The same for writing. */
+int ldfix_vm_write(int pid, int memfd, size_t n, const uint64_t *addrs,
+                   const uint64_t *lens, const unsigned char *buf,
+                   int64_t *done);
+
+/* openat2(rootfd, path, O_PATH, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS):
+ * path is resolved as if rootfd were "/" (".." and absolute symlinks cannot
+ * leave it).  Returns an O_PATH descriptor or -errno. */
+int ldfix_open_in_root(int rootfd, const char *path);
+
+/* Opens the regular file behind an O_PATH descriptor for reading.
+ * Returns -EINVAL (not a regular file) or -EXDEV (on procfs/sysfs) without
+ * opening anything else. */
+int ldfix_open_regular(int pathfd);
+
+int ldfix_ptrace_seize(int tid, unsigned long options);
+int ldfix_ptrace_interrupt(int tid);
+int ldfix_ptrace_detach(int tid, int sig);
+int ldfix_ptrace_traceme(void);
+int ldfix_ptrace_cont(int tid, int sig);
+int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg);
+/* waitpid(tid, status, options | __WALL); returns the pid or -errno. */
+int ldfix_waitpid(int tid, int *status, int options);
+int ldfix_tgkill(int tgid, int tid, int sig);
+
+#endif

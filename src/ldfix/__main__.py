@@ -1,0 +1,5 @@
+import sys
+
+from ldfix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""cffi build script (API mode): compiles csrc/ldfix_native.c into ldfix._native."""
+
+import os
+
+from cffi import FFI
+
+# setuptools wants paths relative to the project root (where setup.py runs).
+_CSRC = "csrc"
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    int ldfix_vm_read(int pid, int memfd, size_t n, const uint64_t *addrs,
+                      const uint64_t *lens, unsigned char *buf, int64_t *done);
+    int ldfix_vm_write(int pid, int memfd, size_t n, const uint64_t *addrs,
+                       const uint64_t *lens, const unsigned char *buf, int64_t *done);
+    int ldfix_open_in_root(int rootfd, const char *path);
+    int ldfix_open_regular(int pathfd);
+    int ldfix_ptrace_seize(int tid, unsigned long options);
+    int ldfix_ptrace_interrupt(int tid);
+    int ldfix_ptrace_detach(int tid, int sig);
+    int ldfix_ptrace_traceme(void);
+    int ldfix_ptrace_cont(int tid, int sig);
+    int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg);
+    int ldfix_waitpid(int tid, int *status, int options);
+    int ldfix_tgkill(int tgid, int tid, int sig);
+    """
+)
+ffibuilder.set_source(
+    "ldfix._native",
+    '#include "ldfix_native.h"',
+    sources=[os.path.join(_CSRC, "ldfix_native.c")],
+    include_dirs=[_CSRC],
+    extra_compile_args=["-O2", "-Wall"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,101 @@
+"""The public API: `inspect(pid)` and (repair.py) `fix(pid)`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ldfix.errors import CorruptTarget, LdfixError, NoSuchProcess, UnsupportedTarget, from_oserror
+from ldfix.identity import RootView
+from ldfix.layout import DEFAULT_DEBUG_DIRS
+from ldfix.loaders.base import Analysis
+from ldfix.memory import Memory, ProcessMemory
+from ldfix.model import Inspection
+from ldfix.procfs import Process, arch_name, check_target
+from ldfix.target import TargetView, open_target
+
+
+@dataclass(frozen=True)
+class Options:
+    """Knobs shared by inspect and fix."""
+
+    debug_dirs: Sequence[str] = DEFAULT_DEBUG_DIRS
+
+    @classmethod
+    def from_env(cls) -> Options:
+        raw = os.environ.get("LDFIX_DEBUG_DIRS")
+        if raw is None:
+            return cls()
+        return cls(debug_dirs=tuple(d for d in raw.split(":") if d))
+
+
+@dataclass
+class Session:
+    """One analysed process with the resources the repair needs."""
+
+    proc: Process
+    mem: ProcessMemory
+    view: TargetView
+    root: RootView
+    analysis: Analysis
+
+    @property
+    def inspection(self) -> Inspection:
+        return self.analysis.inspection
+
+
+def _backend(view: TargetView, arch: str, options: Options):  # type: ignore[no-untyped-def]
+    interp = view.interp
+    if interp is None:
+        raise UnsupportedTarget(f"pid {view.proc.pid}: no dynamic loader mapped", pid=view.proc.pid)
+    if interp.symbol(b"_rtld_global") is not None:
+        from ldfix.loaders.glibc import GlibcBackend
+        return GlibcBackend(view, arch, options.debug_dirs)
+    if interp.symbol(b"_dl_debug_addr") is not None or b"musl" in os.path.basename(interp.path):
+        raise UnsupportedTarget(f"pid {view.proc.pid}: musl targets are not supported yet", pid=view.proc.pid)
+    raise UnsupportedTarget(f"pid {view.proc.pid}: unknown dynamic loader "
+                            f"{interp.path.decode(errors='backslashreplace')}", pid=view.proc.pid)
+
+
+@contextmanager
+def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
+    options = options or Options.from_env()
+    proc = Process(pid)
+    check_target(proc)
+    arch = arch_name(proc)
+    mem = ProcessMemory(proc.pid)
+    view = root = None
+    try:
+        view = open_target(proc, mem)
+        if view.r_debug == 0:
+            raise UnsupportedTarget(f"pid {proc.pid}: the loader has not filled DT_DEBUG "
+                                    "(not started yet, or not a glibc/musl loader)", pid=proc.pid)
+        backend = _backend(view, arch, options)
+        root = RootView(proc)
+        analysis = backend.analyse(root)
+        yield Session(proc, mem, view, root, analysis)
+    except (LdfixError, ValueError, IndexError, OverflowError, OSError) as exc:
+        if not proc.alive():
+            raise NoSuchProcess(f"pid {proc.pid}: exited during the run", pid=proc.pid) from None
+        if isinstance(exc, LdfixError):
+            raise
+        if isinstance(exc, OSError):
+            raise from_oserror(exc, proc.pid, "inspect") from None
+        # A parser met data it cannot make sense of: the target's lists are corrupt.
+        raise CorruptTarget(f"pid {proc.pid}: loader data does not hold together ({exc})",
+                            pid=proc.pid) from None
+    finally:
+        if root is not None:
+            root.close()
+        if view is not None:
+            view.close()
+        mem.close()
+
+
+def inspect(pid: int, *, debug_dirs: Sequence[str] | None = None) -> Inspection:
+    """Every loaded object of process `pid`, with stored and current ids and a status."""
+    options = Options(debug_dirs=tuple(debug_dirs)) if debug_dirs is not None else None
+    with open_session(pid, options) as s:
+        return s.inspection

@@ -1,0 +1,193 @@
+"""Where a loader keeps its private fields, and how sure we are.
+
+Sources (../shared/DESIGN.md, "Finding the layout"):
+  dwarf      the debug file of the target's own ld.so build, found by build-id
+  structure  the l_local_scope signature read from the target's own link_maps
+  table      known layouts per glibc version (layouts_table.py): a prior
+  probe      stat calibration on a process whose ids are fresh
+A layout is trusted for writing when an exact source (dwarf) applies or two
+independent sources agree; every report names the sources that decided."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from ldfix import layouts_table as table
+from ldfix.errors import CorruptTarget
+
+log = logging.getLogger("ldfix.layout")
+
+DEFAULT_DEBUG_DIRS = ("/usr/lib/debug",)
+
+
+@dataclass(frozen=True)
+class GlibcLayout:
+    """Offsets in struct link_map (and struct rtld_global) for one ld.so build."""
+
+    file_id: int
+    source: str
+    l_real: int = table.L_REAL
+    l_ns: int = table.L_NS
+    l_phdr: int | None = None
+    l_phnum: int | None = None
+    l_map_start: int | None = None
+    l_map_end: int | None = None
+    l_type: tuple[int, int] | None = None
+    l_removed: tuple[int, int] | None = None
+    l_local_scope: int | None = None
+    # struct rtld_global
+    ns_size: int | None = None
+    ns_debug: int | None = None
+    nns: int | None = None
+    load_lock: int | None = None
+
+    @property
+    def span(self) -> int:
+        """Bytes of a link_map that must be read to see every field used."""
+        return self.file_id + 16
+
+
+def layout_from_row(row: table.GlibcRow, rtld: table.RtldRow | None) -> GlibcLayout:
+    return GlibcLayout(
+        file_id=row.file_id, source="table", l_phdr=row.l_phdr, l_phnum=row.l_phnum,
+        l_map_start=row.l_map_start, l_map_end=row.l_map_end, l_type=row.l_type,
+        l_removed=row.l_removed, l_local_scope=row.l_local_scope,
+        ns_size=rtld.ns_size if rtld else None, ns_debug=rtld.ns_debug if rtld else None,
+        nns=rtld.nns if rtld else None, load_lock=rtld.load_lock if rtld else None)
+
+
+# --- DWARF -------------------------------------------------------------------
+
+def debug_file_candidates(build_id: bytes, debug_dirs: Sequence[str]) -> list[str]:
+    hexid = build_id.hex()
+    return [f"{d.rstrip('/')}/.build-id/{hexid[:2]}/{hexid[2:]}.debug" for d in debug_dirs]
+
+
+def _member_offsets(die: object) -> dict[str, int | tuple[int, int]]:
+    out: dict[str, int | tuple[int, int]] = {}
+    for child in die.iter_children():  # type: ignore[attr-defined]
+        if child.tag != "DW_TAG_member" or "DW_AT_name" not in child.attributes:
+            continue
+        name = child.attributes["DW_AT_name"].value.decode("ascii", "replace")
+        attrs = child.attributes
+        if "DW_AT_data_bit_offset" in attrs:
+            bit = attrs["DW_AT_data_bit_offset"].value
+            out[name] = (bit // 8, bit % 8)
+        elif "DW_AT_data_member_location" in attrs:
+            loc = attrs["DW_AT_data_member_location"].value
+            if not isinstance(loc, int):
+                continue
+            if "DW_AT_bit_offset" in attrs and "DW_AT_byte_size" in attrs:
+                # DWARF 2/3 bitfields: offset counted from the storage unit's MSB.
+                size = attrs["DW_AT_byte_size"].value
+                width = attrs["DW_AT_bit_size"].value
+                bit = loc * 8 + size * 8 - attrs["DW_AT_bit_offset"].value - width
+                out[name] = (bit // 8, bit % 8)
+            else:
+                out[name] = loc
+    return out
+
+
+def dwarf_glibc_layout(fd: int) -> GlibcLayout | None:
+    """Member offsets of struct link_map / rtld_global from a debug file."""
+    from elftools.common.exceptions import ELFError  # lazy: costly import
+    from elftools.elf.elffile import ELFFile
+
+    wanted = {b"link_map", b"rtld_global", b"link_namespaces"}
+    found: dict[bytes, tuple[int, dict[str, int | tuple[int, int]]]] = {}
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            elf = ELFFile(f)
+            if not elf.has_dwarf_info():
+                return None
+            dwarf = elf.get_dwarf_info(follow_links=False)
+            for i, cu in enumerate(dwarf.iter_CUs()):
+                if i > 4096:
+                    break
+                for die in cu.get_top_DIE().iter_children():
+                    if die.tag != "DW_TAG_structure_type":
+                        continue
+                    attrs = die.attributes
+                    name = attrs["DW_AT_name"].value if "DW_AT_name" in attrs else None
+                    if name in wanted and name not in found and "DW_AT_byte_size" in attrs:
+                        found[name] = (attrs["DW_AT_byte_size"].value, _member_offsets(die))
+                if b"link_map" in found and b"rtld_global" in found and b"link_namespaces" in found:
+                    break
+    except (ELFError, OSError, ValueError, KeyError, struct.error) as exc:
+        log.debug("DWARF: unreadable debug file: %s", exc)
+        return None
+    if b"link_map" not in found:
+        return None
+    lm = found[b"link_map"][1]
+    fid = lm.get("l_file_id", lm.get("l_dev"))
+    if not isinstance(fid, int):
+        return None
+
+    def off(members: dict[str, int | tuple[int, int]], name: str) -> int | None:
+        v = members.get(name)
+        return v if isinstance(v, int) else None
+
+    def bits(name: str) -> tuple[int, int] | None:
+        v = lm.get(name)
+        return v if isinstance(v, tuple) else None
+
+    rg = found.get(b"rtld_global", (0, {}))[1]
+    ns = found.get(b"link_namespaces")
+    return GlibcLayout(
+        file_id=fid, source="dwarf", l_real=off(lm, "l_real") or table.L_REAL,
+        l_ns=off(lm, "l_ns") or table.L_NS, l_phdr=off(lm, "l_phdr"), l_phnum=off(lm, "l_phnum"),
+        l_map_start=off(lm, "l_map_start"), l_map_end=off(lm, "l_map_end"),
+        l_type=bits("l_type"), l_removed=bits("l_removed"), l_local_scope=off(lm, "l_local_scope"),
+        ns_size=ns[0] if ns else None, ns_debug=off(ns[1], "_ns_debug") if ns else None,
+        nns=off(rg, "_dl_nns"), load_lock=off(rg, "_dl_load_lock"))
+
+
+# --- structure ---------------------------------------------------------------
+
+def structure_scan(maps: Sequence[tuple[int, bytes]], lo: int = 560, hi: int = 1200) -> int | None:
+    """Offset of l_local_scope found from the maps' own contents, or None.
+
+    In every ordinary link_map, l_local_scope[0] points back into the same map
+    (at l_searchlist), l_scope (one pointer before) is a pointer (to
+    l_scope_mem unless reallocated) and l_scope_max (two before) is >= 4 and
+    small.  The same (offset, l_searchlist) pair must hold on every map given;
+    callers pass the maps with l_real == self except ld.so's own, whose scope
+    fields are zero."""
+    if len(maps) < 2:
+        return None
+    candidates: set[tuple[int, int]] | None = None
+    for addr, raw in maps:
+        here = set()
+        for k in range(lo, min(hi, len(raw) - 8) + 1, 8):
+            rel = int.from_bytes(raw[k:k + 8], "little") - addr
+            if not (200 <= rel < k - 48):
+                continue
+            scope = int.from_bytes(raw[k - 8:k], "little")
+            scope_max = int.from_bytes(raw[k - 16:k - 8], "little")
+            if not (4 <= scope_max <= 1 << 16) or scope < 4096:
+                continue
+            if scope_max == 4 and scope != addr + k - 48:
+                continue  # not reallocated, so it must point at l_scope_mem
+            here.add((k, rel))
+        candidates = here if candidates is None else candidates & here
+        if not candidates:
+            return None
+    if candidates and len(candidates) == 1:
+        return candidates.pop()[0]
+    return None
+
+
+def with_source(layout: GlibcLayout, source: str) -> GlibcLayout:
+    return replace(layout, source=source)
+
+
+def checked_rtld_fields(layout: GlibcLayout) -> bool:
+    return layout.nns is not None and layout.ns_size is not None
+
+
+__all__ = ["GlibcLayout", "layout_from_row", "dwarf_glibc_layout", "structure_scan",
+           "debug_file_candidates", "DEFAULT_DEBUG_DIRS", "with_source", "CorruptTarget"]

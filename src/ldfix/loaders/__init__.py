@@ -1,0 +1,1 @@
+"""Loader back-ends: each turns a TargetView into an Analysis."""

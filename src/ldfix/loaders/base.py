@@ -1,0 +1,43 @@
+"""What every loader back-end produces for the inspection and the repair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ldfix.memory import Memory
+from ldfix.model import Inspection
+
+
+@dataclass(frozen=True)
+class BusyField:
+    """A word that must be zero while no load is in flight."""
+
+    address: int
+    size: int
+    label: str           # e.g. "namespace 0 r_state"
+    owner_offset: int | None = None  # where the holder's tid is (mutexes)
+
+
+@dataclass
+class Analysis:
+    inspection: Inspection
+    busy_fields: list[BusyField] = field(default_factory=list)
+
+    def busy(self, mem: Memory) -> str | None:
+        """Why the loader is in the middle of a change, or None."""
+        if not self.busy_fields:
+            return None
+        regions = [(b.address, b.size) for b in self.busy_fields]
+        regions += [(b.address + b.owner_offset, 4) for b in self.busy_fields if b.owner_offset is not None]
+        data = mem.read_many(regions)
+        extra = iter(data[len(self.busy_fields):])
+        for b, raw in zip(self.busy_fields, data):
+            owner = next(extra) if b.owner_offset is not None else b""
+            if len(raw) != b.size:
+                return f"{b.label} at 0x{b.address:x} unreadable"
+            value = int.from_bytes(raw, "little")
+            if value:
+                if owner:
+                    return f"{b.label} held (by thread {int.from_bytes(owner, 'little')})"
+                return f"{b.label} is {value} (a load or unload is in progress)"
+        return None

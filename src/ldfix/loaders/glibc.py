@@ -1,0 +1,446 @@
+"""glibc: every link-map namespace, the l_file_id layout, the cross-check.
+
+Only the public prefix of struct link_map (l_addr, l_name, l_ld, l_next,
+l_prev, l_real, l_ns) is read before a layout is trusted; private fields are
+read only through a GlibcLayout whose sources are named."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ldfix import layouts_table as table
+from ldfix.identity import FileFacts, FileProblem, RootView, image_facts, same_content
+from ldfix.layout import (GlibcLayout, debug_file_candidates, dwarf_glibc_layout,
+                          layout_from_row, structure_scan, with_source)
+from ldfix.loaders.base import Analysis, BusyField
+from ldfix.memory import Memory, read
+from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
+from ldfix.target import TargetView
+
+log = logging.getLogger("ldfix.glibc")
+
+WINDOW = 1216          # bytes read of every link_map: the public prefix and every private field used
+MAX_OBJECTS = 16384    # per process, over all namespaces
+MAX_NAMESPACES = 16    # DL_NNS
+NAME_LIMIT = 4096
+RT_STATES = {0: "RT_CONSISTENT", 1: "RT_ADD", 2: "RT_DELETE"}
+
+
+def _u64(raw: bytes, off: int) -> int | None:
+    return int.from_bytes(raw[off:off + 8], "little") if off + 8 <= len(raw) else None
+
+
+@dataclass
+class RawMap:
+    addr: int
+    raw: bytes
+    ns_position: int  # which walked list it came from
+
+    def word(self, off: int) -> int:
+        v = _u64(self.raw, off)
+        return 0 if v is None else v
+
+    @property
+    def l_addr(self) -> int:
+        return self.word(table.L_ADDR)
+
+    @property
+    def l_name(self) -> int:
+        return self.word(table.L_NAME)
+
+    @property
+    def l_ld(self) -> int:
+        return self.word(table.L_LD)
+
+    @property
+    def l_next(self) -> int:
+        return self.word(table.L_NEXT)
+
+    @property
+    def l_prev(self) -> int:
+        return self.word(table.L_PREV)
+
+    @property
+    def l_real(self) -> int:
+        return self.word(table.L_REAL)
+
+
+@dataclass
+class NamespaceList:
+    hint: int | None       # namespace id when known from _dl_ns[i]
+    r_debug: int | None    # its r_debug (for r_state), when known
+    maps: list[RawMap]
+
+
+def walk_chain(mem: Memory, head: int, budget: int, position: int) -> tuple[list[RawMap], str | None]:
+    """Follow l_next from `head`; stops at a cycle, a bad pointer or the budget."""
+    maps: list[RawMap] = []
+    seen: set[int] = set()
+    prev, addr = 0, head
+    while addr:
+        if addr in seen:
+            return maps, f"cycle in l_next at 0x{addr:x}"
+        if len(maps) >= budget:
+            return maps, f"list longer than {MAX_OBJECTS} objects: truncated"
+        if addr % 8 or addr >= 1 << 47:
+            return maps, f"l_next points to an impossible address 0x{addr:x}"
+        raw = mem.read_many([(addr, WINDOW)])[0]
+        if len(raw) < 56:
+            return maps, f"link_map at 0x{addr:x} is unreadable"
+        m = RawMap(addr, raw, position)
+        if m.l_prev != prev:
+            return maps, f"l_prev of link_map 0x{addr:x} is 0x{m.l_prev:x}, not 0x{prev:x}"
+        maps.append(m)
+        seen.add(addr)
+        prev, addr = addr, m.l_next
+    return maps, None
+
+
+def read_r_debug(mem: Memory, addr: int) -> tuple[int, int, int, int]:
+    """(r_version, r_map, r_state, r_next) of an r_debug(_extended)."""
+    raw = read(mem, addr, 40)
+    version, = struct.unpack_from("<i", raw, 0)
+    r_map, = struct.unpack_from("<Q", raw, 8)
+    state, = struct.unpack_from("<i", raw, 24)
+    r_next = 0
+    if version >= 2:
+        r_next = int.from_bytes(read(mem, addr + 40, 8), "little")
+    return version, r_map, state, r_next
+
+
+def find_namespaces(mem: Memory, r_debug: int, rtld_global: int | None,
+                    layout: GlibcLayout | None) -> tuple[list[tuple[int | None, int | None, int]], list[str]]:
+    """Heads of every namespace's list: [(namespace hint, r_debug or None, head)]."""
+    warnings: list[str] = []
+    version, r_map, _state, r_next = read_r_debug(mem, r_debug)
+    heads: list[tuple[int | None, int | None, int]] = [(0, r_debug, r_map)]
+    if version >= 2:
+        seen = {r_debug}
+        addr = r_next
+        while addr:
+            if addr in seen or len(seen) >= MAX_NAMESPACES:
+                warnings.append(f"r_next chain loops or is longer than {MAX_NAMESPACES}: cut")
+                break
+            seen.add(addr)
+            _v, head, _s, nxt = read_r_debug(mem, addr)
+            if _v < 2:
+                nxt = 0
+            if head:
+                heads.append((None, addr, head))
+            addr = nxt
+        return heads, warnings
+    if rtld_global is None or layout is None or layout.nns is None or layout.ns_size is None:
+        warnings.append("r_debug has no r_next and _rtld_global's layout is unknown: "
+                        "only the base namespace is listed")
+        return heads, warnings
+    nns = int.from_bytes(read(mem, rtld_global + layout.nns, 8), "little")
+    first = int.from_bytes(read(mem, rtld_global, 8), "little")
+    if not (1 <= nns <= MAX_NAMESPACES) or first != r_map:
+        warnings.append("_rtld_global does not match r_debug: only the base namespace is listed")
+        return heads, warnings
+    for i in range(1, nns):
+        entry = rtld_global + i * layout.ns_size
+        head = int.from_bytes(read(mem, entry, 8), "little")
+        if head:
+            dbg = entry + layout.ns_debug if layout.ns_debug is not None else None
+            heads.append((i, dbg, head))
+    return heads, warnings
+
+
+class GlibcBackend:
+    kind = "glibc"
+
+    def __init__(self, view: TargetView, arch: str, debug_dirs: Sequence[str]) -> None:
+        self.view = view
+        self.arch = arch
+        self.debug_dirs = list(debug_dirs)
+        self.warnings: list[str] = []
+        interp = view.interp
+        self.version = None
+        if interp is not None:
+            self.version = interp.banner_version(rb"release version (2\.\d+)")
+            if self.version is None:
+                name = os.path.basename(interp.path).decode(errors="replace")
+                if name.startswith("ld-2.") and name.endswith(".so"):
+                    self.version = name[3:-3]
+        self.rtld_global = interp.symbol(b"_rtld_global") if interp else None
+
+    # -- layout ---------------------------------------------------------------
+    def _dwarf(self, root: RootView) -> tuple[GlibcLayout | None, str]:
+        interp = self.view.interp
+        if interp is None:
+            return None, "no loader file"
+        bid = interp.file.build_id()
+        if not bid:
+            return None, "the loader has no build-id"
+        if not self.debug_dirs:
+            return None, "debug file search disabled"
+        for cand in debug_file_candidates(bid, self.debug_dirs):
+            for where, opener in (("target root", root.open_file), ("host", _open_host)):
+                fd = opener(cand)
+                if fd is None:
+                    continue
+                try:
+                    size = os.fstat(fd).st_size
+                    from ldfix.elf import ElfFile
+                    try:
+                        dbid = ElfFile(fd, size).build_id()
+                    except Exception:
+                        dbid = None
+                    if dbid != bid:
+                        log.debug("debug file %s (%s) has another build-id", cand, where)
+                        continue
+                    lay = dwarf_glibc_layout(fd)
+                    if lay is not None:
+                        log.debug("DWARF layout from %s (%s): l_file_id at %d", cand, where, lay.file_id)
+                        return lay, f"{cand} ({where})"
+                finally:
+                    os.close(fd)
+        return None, f"no debug file for build-id {bid.hex()}"
+
+    def decide_layout(self, root: RootView, ordinary: list[RawMap]) -> tuple[GlibcLayout | None, str]:
+        k = structure_scan([(m.addr, m.raw) for m in ordinary])
+        dw, dw_note = self._dwarf(root)
+        row = table.glibc_row(self.version, self.arch)
+        rrow = table.rtld_row(self.version, self.arch)
+        if dw is not None:
+            if k is not None and dw.l_local_scope is not None and k != dw.l_local_scope:
+                return None, (f"DWARF ({dw_note}) puts l_local_scope at {dw.l_local_scope} but the "
+                              f"target's own maps show it at {k}")
+            if dw.nns is None and rrow is not None:
+                dw = GlibcLayout(**{**dw.__dict__, "ns_size": rrow.ns_size, "ns_debug": rrow.ns_debug,
+                                    "nns": rrow.nns, "load_lock": rrow.load_lock})
+            return with_source(dw, "dwarf"), ""
+        reasons = [f"dwarf: {dw_note}"]
+        if k is None:
+            reasons.append("structure: no l_local_scope signature common to every map")
+        if row is None:
+            reasons.append(f"table: no row for glibc {self.version or '(version unknown)'} {self.arch}")
+        if k is not None and row is not None:
+            if row.l_local_scope == k:
+                return with_source(layout_from_row(row, rrow), "structure+table"), ""
+            reasons.append(f"structure puts l_local_scope at {k}, the table for glibc "
+                           f"{self.version} at {row.l_local_scope} (a patched build?)")
+        return None, "; ".join(reasons)
+
+    # -- analysis -------------------------------------------------------------
+    def analyse(self, root: RootView) -> Analysis:
+        view, mem = self.view, self.view.mem
+        pid = view.proc.pid
+        info = LoaderInfo("glibc", self.version, self.arch, None,
+                          interpreter=view.interp_name.decode(errors="replace") if view.interp_name else None)
+        # Namespaces need _rtld_global's layout before 2.35; the table (or
+        # DWARF below) gives it.  Only the head pointers are read from it.
+        row = table.glibc_row(self.version, self.arch)
+        pre = layout_from_row(row, table.rtld_row(self.version, self.arch)) if row else None
+        heads, warns = find_namespaces(mem, view.r_debug, self.rtld_global, pre)
+        self.warnings += warns
+        lists: list[NamespaceList] = []
+        partial = False
+        budget = MAX_OBJECTS
+        for pos, (hint, dbg, head) in enumerate(heads):
+            maps, problem = walk_chain(mem, head, budget, pos)
+            budget -= len(maps)
+            if problem:
+                self.warnings.append(f"namespace list {pos}: {problem}")
+                partial = True
+            lists.append(NamespaceList(hint, dbg, maps))
+        all_maps = [m for lst in lists for m in lst.maps]
+        names = _read_names(mem, all_maps)
+
+        interp_ino = (view.interp.mapping.dev, view.interp.mapping.ino) if view.interp else None
+        vdso = next((m for m in view.maps if m.path == b"[vdso]"), None)
+
+        def role(m: RawMap, first: bool) -> str:
+            if m.l_real != m.addr:
+                return "proxy"
+            if first and m.ns_position == 0:
+                return "main"
+            if vdso and vdso.start <= m.l_ld < vdso.end:
+                return "vdso"
+            mp = view.mapping_at(m.l_ld) if m.l_ld else None
+            if mp and interp_ino and (mp.dev, mp.ino) == interp_ino:
+                return "loader"
+            return "library"
+
+        objects: list[LoadedObject] = []
+        roles: dict[int, str] = {}
+        unnamed: set[int] = set()
+        for lst in lists:
+            for i, m in enumerate(lst.maps):
+                r = role(m, i == 0)
+                roles[m.addr] = r
+                name = names[m.addr]
+                if r == "main" and not name:
+                    # glibc records "" for the program; show what pldd shows.
+                    exe = view.proc.readlink("exe")
+                    name = os.fsencode(exe) if exe else b""
+                    unnamed.add(m.addr)
+                ns = lst.hint if lst.hint is not None else m.ns_position
+                objects.append(LoadedObject(namespace=ns, name=name, role=r, address=m.addr,
+                                            base=m.l_addr))
+        ordinary = [m for m in all_maps if roles[m.addr] in ("main", "library")]
+        layout, why = self.decide_layout(root, ordinary)
+        busy: list[BusyField] = []
+        if layout is None:
+            info.layout_error = why
+        else:
+            problems = self.cross_check(layout, lists, roles)
+            if problems:
+                info.layout_error = (f"layout from {layout.source} failed the cross-check on the "
+                                     f"target: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+                layout = None
+        if layout is not None:
+            info.layout_source = layout.source
+            # Namespace ids come from l_ns now that the layout is verified.
+            by_addr = {m.addr: m for m in all_maps}
+            for o in objects:
+                o.namespace = by_addr[o.address].word(layout.l_ns)
+            self._classify(layout, objects, by_addr, root, unnamed)
+            busy = self._busy_fields(layout, lists)
+            info.lock_check = "r_state and _dl_load_lock" if any(b.owner_offset is not None for b in busy) \
+                else "r_state only"
+        else:
+            for o in objects:
+                o.status, o.reason = Status.UNKNOWN, "id layout not verified"
+        inspection = Inspection(pid, info, objects, partial=partial, warnings=self.warnings)
+        return Analysis(inspection, busy)
+
+    def cross_check(self, layout: GlibcLayout, lists: list[NamespaceList], roles: dict[int, str]) -> list[str]:
+        """Every invariant the verified layout implies, on every map of the target."""
+        view = self.view
+        problems: list[str] = []
+        ns_ids: dict[int, int] = {}
+        starts = {m.start for m in view.maps}
+        headers: list[tuple[RawMap, int]] = []
+        for pos, lst in enumerate(lists):
+            for m in lst.maps:
+                where = f"link_map 0x{m.addr:x}"
+                if len(m.raw) < layout.span:
+                    problems.append(f"{where}: only {len(m.raw)} bytes readable")
+                    continue
+                ns = m.word(layout.l_ns)
+                if ns >= MAX_NAMESPACES:
+                    problems.append(f"{where}: l_ns {ns} out of range")
+                if ns_ids.setdefault(pos, ns) != ns:
+                    problems.append(f"{where}: l_ns {ns} differs from its list's {ns_ids[pos]}")
+                if lst.hint is not None and ns != lst.hint:
+                    problems.append(f"{where}: l_ns {ns}, expected {lst.hint}")
+                r = roles[m.addr]
+                stored = FileId.unpack(m.raw[layout.file_id:layout.file_id + 16])
+                if r in ("loader", "vdso", "proxy", "main"):
+                    if r != "main" and not stored.is_zero:
+                        problems.append(f"{where} ({r}): stored id is not zero")
+                    if r == "proxy":
+                        continue
+                if layout.l_map_start is not None and layout.l_map_end is not None and r != "loader":
+                    start, end = m.word(layout.l_map_start), m.word(layout.l_map_end)
+                    if not (start < end) or start not in starts:
+                        problems.append(f"{where}: l_map_start 0x{start:x} is not the start of a mapping")
+                        continue
+                    if m.l_ld and not (start <= m.l_ld < end):
+                        problems.append(f"{where}: l_ld outside [l_map_start, l_map_end)")
+                    if layout.l_phdr is not None and layout.l_phnum is not None:
+                        phdr = m.word(layout.l_phdr)
+                        if not (start <= phdr < end):
+                            problems.append(f"{where}: l_phdr outside the object")
+                        headers.append((m, start))
+                if r == "library" and stored.is_zero:
+                    problems.append(f"{where}: a library with no stored id")
+                if r in ("main", "library") and layout.l_local_scope is not None:
+                    k = layout.l_local_scope
+                    local0 = m.word(k)
+                    if not (m.addr < local0 < m.addr + k) or m.word(k - 16) < 4:
+                        problems.append(f"{where}: l_local_scope signature does not hold")
+        if len(set(ns_ids.values())) != len(ns_ids):
+            problems.append("two lists claim the same namespace")
+        if headers and layout.l_phnum is not None:
+            raws = view.mem.read_many([(start, 64) for _, start in headers])
+            for (m, _start), raw in zip(headers, raws):
+                phnum = int.from_bytes(m.raw[layout.l_phnum:layout.l_phnum + 2], "little")
+                if len(raw) < 64 or raw[:4] != b"\x7fELF" or struct.unpack_from("<H", raw, 56)[0] != phnum:
+                    problems.append(f"link_map 0x{m.addr:x}: l_phnum does not match the mapped ELF header")
+        return problems
+
+    def _classify(self, layout: GlibcLayout, objects: list[LoadedObject],
+                  by_addr: dict[int, RawMap], root: RootView, unnamed: set[int]) -> None:
+        pending: list[tuple[LoadedObject, FileFacts]] = []
+        for o in objects:
+            m = by_addr[o.address]
+            o.stored = FileId.unpack(m.raw[layout.file_id:layout.file_id + 16])
+            o.id_address = o.address + layout.file_id
+            if layout.l_map_start is not None and layout.l_map_end is not None:
+                o.map_start, o.map_end = m.word(layout.l_map_start), m.word(layout.l_map_end)
+            if o.role == "vdso":
+                o.status, o.reason, o.stored, o.id_address = Status.VIRTUAL, "no file behind it (vdso)", None, None
+                continue
+            facts: FileFacts | None = None
+            problem = ""
+            if o.address not in unnamed:
+                try:
+                    facts = root.facts(o.name)
+                    o.current = facts.id
+                except FileProblem as exc:
+                    problem = exc.reason
+            if o.stored.is_zero:
+                o.status, o.reason = Status.UNSET, f"the loader stored no id ({o.role})"
+            elif layout.l_removed is not None and m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1:
+                o.status, o.reason = Status.UNSET, "being removed (l_removed)"
+            elif facts is None:
+                o.status, o.reason = Status.MISSING, problem
+            elif facts.id == o.stored:
+                o.status, o.reason = Status.OK, "stored id equals the file's"
+            else:
+                pending.append((o, facts))
+        if not pending:
+            return
+        imgs = image_facts(self.view.mem, [(o.base, o.map_start or 0) for o, _ in pending])
+        for (o, facts), img in zip(pending, imgs):
+            same, how = same_content(img, facts)
+            if same:
+                o.status, o.reason, o.writable = Status.STALE, f"new id, {how}", o.role == "library"
+            else:
+                o.status, o.reason = Status.CHANGED, how
+
+    def _busy_fields(self, layout: GlibcLayout, lists: list[NamespaceList]) -> list[BusyField]:
+        out = []
+        for lst in lists:
+            if lst.r_debug is not None:
+                out.append(BusyField(lst.r_debug + 24, 4, f"r_state of list {lists.index(lst)}"))
+        if self.rtld_global is not None and layout.load_lock is not None:
+            out.append(BusyField(self.rtld_global + layout.load_lock, 4, "_dl_load_lock", owner_offset=8))
+        return out
+
+
+def _open_host(path: str) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    return fd
+
+
+def _read_names(mem: Memory, maps: list[RawMap]) -> dict[int, bytes]:
+    """l_name of every map: one batched read, then longer reads for the few long names."""
+    out: dict[int, bytes] = {}
+    ptrs = [(m.addr, m.l_name) for m in maps]
+    first = mem.read_many([(p, 256) if p else (0, 0) for _, p in ptrs])
+    for (addr, p), raw in zip(ptrs, first):
+        if not p:
+            out[addr] = b""
+            continue
+        nul = raw.find(b"\0")
+        if nul >= 0:
+            out[addr] = raw[:nul]
+            continue
+        from ldfix.memory import read_cstring
+        try:
+            name, complete = read_cstring(mem, p, NAME_LIMIT)
+        except Exception:
+            name, complete = raw, False
+        out[addr] = name if complete else name[:NAME_LIMIT] + b"...(truncated)"
+    return out

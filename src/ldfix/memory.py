@@ -1,0 +1,165 @@
+"""One memory-reader interface, two backends: a live process and a crafted image.
+
+Everything above this module reads target memory only through `Memory`, so
+every parser runs the same on a real process and on hostile test images."""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from collections.abc import Sequence
+from typing import Protocol
+
+from ldfix import native
+from ldfix.errors import MemoryFault, from_oserror
+
+# No single read of target memory is larger than this.
+MAX_READ = 1 << 20
+
+
+class Memory(Protocol):
+    pid: int | None
+
+    def read_many(self, regions: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Read each (address, size); a region that faults comes back short."""
+
+    def write_many(self, regions: Sequence[tuple[int, bytes]]) -> list[int]:
+        """Write each (address, data); returns the bytes written for each."""
+
+
+def read(mem: Memory, addr: int, size: int) -> bytes:
+    """Exactly `size` bytes at `addr`, or MemoryFault."""
+    if size < 0 or size > MAX_READ or addr <= 0 or addr + size > 1 << 64:
+        raise MemoryFault(addr, size, pid=mem.pid)
+    data = mem.read_many([(addr, size)])[0]
+    if len(data) != size:
+        raise MemoryFault(addr + len(data), size - len(data), pid=mem.pid)
+    return data
+
+
+def read_ptr(mem: Memory, addr: int, ptr_size: int = 8) -> int:
+    return int.from_bytes(read(mem, addr, ptr_size), "little")
+
+
+def read_cstring(mem: Memory, addr: int, limit: int = 4096) -> tuple[bytes, bool]:
+    """The NUL-terminated string at `addr`, at most `limit` bytes.
+
+    Returns (bytes, complete); complete is False when no NUL came within the
+    limit or memory ended first.  Reads page by page so that a string near the
+    end of a mapping is still found."""
+    if addr <= 0:
+        raise MemoryFault(addr, 1, pid=mem.pid)
+    out = b""
+    pos = addr
+    while len(out) < limit:
+        chunk = min(4096 - (pos % 4096), limit - len(out))
+        data = mem.read_many([(pos, chunk)])[0]
+        nul = data.find(b"\0")
+        if nul >= 0:
+            return out + data[:nul], True
+        out += data
+        if len(data) < chunk:
+            if not out:
+                raise MemoryFault(pos, chunk, pid=mem.pid)
+            return out, False
+        pos += chunk
+    return out, False
+
+
+class ProcessMemory:
+    """Memory of a live process: process_vm_readv/writev in batches, with
+    /proc/PID/mem (opened once) as the fallback."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._memfd = -1
+        try:
+            self._memfd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_oserror(exc, pid, "open /proc/PID/mem") from None
+
+    def close(self) -> None:
+        if self._memfd >= 0:
+            os.close(self._memfd)
+            self._memfd = -1
+
+    def __enter__(self) -> ProcessMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_many(self, regions: Sequence[tuple[int, int]]) -> list[bytes]:
+        for addr, size in regions:
+            if size < 0 or size > MAX_READ or addr < 0 or addr + size > 1 << 64:
+                raise MemoryFault(addr, size, pid=self.pid)
+        try:
+            return native.vm_read(self.pid, self._memfd, regions)
+        except OSError as exc:
+            raise from_oserror(exc, self.pid, "read memory") from None
+
+    def write_many(self, regions: Sequence[tuple[int, bytes]]) -> list[int]:
+        try:
+            return native.vm_write(self.pid, self._memfd, regions)
+        except OSError as exc:
+            raise from_oserror(exc, self.pid, "write memory") from None
+
+
+class ImageMemory:
+    """A crafted address space: sorted, non-overlapping (address, bytes) segments.
+
+    Gaps fault exactly like unmapped memory in a live process (short reads)."""
+
+    def __init__(self, segments: Sequence[tuple[int, bytes | bytearray]], pid: int | None = None) -> None:
+        self.pid = pid
+        segs = sorted((a, bytearray(b)) for a, b in segments)
+        for (a1, b1), (a2, _) in zip(segs, segs[1:]):
+            if a1 + len(b1) > a2:
+                raise ValueError("overlapping segments")
+        self._starts = [a for a, _ in segs]
+        self._segs = segs
+        self.writes: list[tuple[int, bytes]] = []
+
+    def _locate(self, addr: int) -> tuple[int, bytearray] | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        start, data = self._segs[i]
+        if addr >= start + len(data):
+            return None
+        return start, data
+
+    def read_many(self, regions: Sequence[tuple[int, int]]) -> list[bytes]:
+        out = []
+        for addr, size in regions:
+            got = b""
+            pos = addr
+            while len(got) < size:
+                seg = self._locate(pos)
+                if seg is None:
+                    break
+                start, data = seg
+                take = data[pos - start:pos - start + size - len(got)]
+                got += bytes(take)
+                pos += len(take)
+            out.append(got)
+        return out
+
+    def write_many(self, regions: Sequence[tuple[int, bytes]]) -> list[int]:
+        done = []
+        for addr, data in regions:
+            seg = self._locate(addr)
+            if seg is None or addr + len(data) > seg[0] + len(seg[1]):
+                done.append(0)
+                continue
+            start, buf = seg
+            buf[addr - start:addr - start + len(data)] = data
+            self.writes.append((addr, bytes(data)))
+            done.append(len(data))
+        return done
+
+
+def pack_ptrs(*values: int, ptr_size: int = 8) -> bytes:
+    fmt = "<" + ("Q" if ptr_size == 8 else "I") * len(values)
+    return struct.pack(fmt, *values)

@@ -1,0 +1,102 @@
+"""Typed wrapper over the cffi module: errno becomes OSError, buffers become bytes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from ldfix._native import ffi, lib  # type: ignore[import-not-found]
+
+# PTRACE_O_* and wait-status helpers the freeze needs.
+PTRACE_O_TRACECLONE = 0x08
+PTRACE_O_TRACEEXIT = 0x40
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_EXIT = 6
+PTRACE_EVENT_STOP = 128
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def vm_read(pid: int, memfd: int, regions: Sequence[tuple[int, int]]) -> list[bytes]:
+    """Read every (address, size) region; a region that faults comes back short."""
+    n = len(regions)
+    if n == 0:
+        return []
+    total = sum(size for _, size in regions)
+    addrs = ffi.new("uint64_t[]", [a for a, _ in regions])
+    lens = ffi.new("uint64_t[]", [s for _, s in regions])
+    buf = ffi.new("unsigned char[]", max(total, 1))
+    done = ffi.new("int64_t[]", n)
+    _check(lib.ldfix_vm_read(pid, memfd, n, addrs, lens, buf, done), "process_vm_readv")
+    raw = ffi.buffer(buf, total)[:]
+    out: list[bytes] = []
+    off = 0
+    for i, (_, size) in enumerate(regions):
+        out.append(raw[off:off + done[i]])
+        off += size
+    return out
+
+
+def vm_write(pid: int, memfd: int, regions: Sequence[tuple[int, bytes]]) -> list[int]:
+    """Write every (address, data) region; returns the bytes written for each."""
+    n = len(regions)
+    if n == 0:
+        return []
+    data = b"".join(d for _, d in regions)
+    addrs = ffi.new("uint64_t[]", [a for a, _ in regions])
+    lens = ffi.new("uint64_t[]", [len(d) for _, d in regions])
+    buf = ffi.new("unsigned char[]", data or b"\0")
+    done = ffi.new("int64_t[]", n)
+    _check(lib.ldfix_vm_write(pid, memfd, n, addrs, lens, buf, done), "process_vm_writev")
+    return [done[i] for i in range(n)]
+
+
+def open_in_root(rootfd: int, path: bytes) -> int:
+    """O_PATH descriptor of `path` resolved with `rootfd` as "/" (openat2 RESOLVE_IN_ROOT)."""
+    return _check(lib.ldfix_open_in_root(rootfd, path), "openat2")
+
+
+def open_regular(pathfd: int) -> int:
+    """Readable descriptor of the regular file behind an O_PATH descriptor."""
+    return _check(lib.ldfix_open_regular(pathfd), "open")
+
+
+def ptrace_seize(tid: int, options: int = 0) -> None:
+    _check(lib.ldfix_ptrace_seize(tid, options), "PTRACE_SEIZE")
+
+
+def ptrace_interrupt(tid: int) -> None:
+    _check(lib.ldfix_ptrace_interrupt(tid), "PTRACE_INTERRUPT")
+
+
+def ptrace_detach(tid: int, sig: int = 0) -> None:
+    _check(lib.ldfix_ptrace_detach(tid, sig), "PTRACE_DETACH")
+
+
+def ptrace_cont(tid: int, sig: int = 0) -> None:
+    _check(lib.ldfix_ptrace_cont(tid, sig), "PTRACE_CONT")
+
+
+def ptrace_traceme() -> None:
+    _check(lib.ldfix_ptrace_traceme(), "PTRACE_TRACEME")
+
+
+def ptrace_geteventmsg(tid: int) -> int:
+    msg = ffi.new("unsigned long *")
+    _check(lib.ldfix_ptrace_geteventmsg(tid, msg), "PTRACE_GETEVENTMSG")
+    return int(msg[0])
+
+
+def waitpid(tid: int, options: int = 0) -> tuple[int, int]:
+    """waitpid with __WALL; returns (pid, status), pid 0 with WNOHANG and nothing ready."""
+    status = ffi.new("int *")
+    pid = _check(lib.ldfix_waitpid(tid, status, options), "waitpid")
+    return pid, int(status[0])
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    _check(lib.ldfix_tgkill(tgid, tid, sig), "tgkill")

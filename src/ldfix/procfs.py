@@ -1,0 +1,166 @@
+"""A target process as /proc shows it: auxv, maps, exe header, threads, root.
+
+OS errors are translated into ldfix errors here, at one boundary."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+
+from ldfix.errors import LdfixError, NoSuchProcess, UnsupportedTarget, from_oserror
+
+AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_BASE, AT_ENTRY = 0, 3, 4, 5, 7, 9
+AT_SYSINFO_EHDR = 33
+
+_MAPS_RE = re.compile(
+    rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: int  # user-space st_dev encoding (os.makedev)
+    ino: int
+    path: bytes  # as the kernel prints it, relative to ldfix's own root
+
+    @property
+    def is_file(self) -> bool:
+        return self.ino != 0 and self.path.startswith(b"/")
+
+
+def parse_maps(text: bytes) -> list[Mapping]:
+    out = []
+    for line in text.splitlines():
+        m = _MAPS_RE.match(line)
+        if not m:
+            continue
+        start, end, perms, off, major, minor, ino, path = m.groups()
+        out.append(Mapping(int(start, 16), int(end, 16), perms.decode(), int(off, 16),
+                           os.makedev(int(major, 16), int(minor, 16)), int(ino), path))
+    return out
+
+
+class Process:
+    """The /proc view of one process (thread group)."""
+
+    def __init__(self, pid: int, proc: str = "/proc") -> None:
+        if not isinstance(pid, int) or pid <= 0:
+            raise NoSuchProcess(f"pid {pid!r}: not a process id", pid=None)
+        self.pid = pid
+        self.proc = proc
+        self.dir = f"{proc}/{pid}"
+        status = self._read("status").decode(errors="replace")
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        self.tgid = int(fields.get("Tgid", str(pid)).strip())
+        if self.tgid != pid:
+            # A thread id was given: work on its thread group.
+            self.pid = self.tgid
+            self.dir = f"{proc}/{self.tgid}"
+        self.name = fields.get("Name", "").strip()
+        if fields.get("Kthread", "0").strip() == "1":
+            raise UnsupportedTarget(f"pid {pid}: kernel thread, no user-space loader", pid=pid)
+
+    def _read(self, name: str) -> bytes:
+        try:
+            with open(f"{self.dir}/{name}", "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise from_oserror(exc, self.pid, f"read /proc/PID/{name}") from None
+
+    def alive(self) -> bool:
+        try:
+            with open(f"{self.dir}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            return state not in (b"Z", b"X")
+        except (OSError, IndexError):
+            return False
+
+    @cached_property
+    def auxv(self) -> dict[int, int]:
+        raw = self._read("auxv")
+        if not raw:
+            raise UnsupportedTarget(f"pid {self.pid}: no auxiliary vector (kernel thread or exiting)",
+                                    pid=self.pid)
+        out: dict[int, int] = {}
+        for i in range(0, len(raw) - 15, 16):
+            key, val = struct.unpack_from("<QQ", raw, i)
+            if key == AT_NULL:
+                break
+            out.setdefault(key, val)
+        return out
+
+    def maps(self) -> list[Mapping]:
+        return parse_maps(self._read("maps"))
+
+    @cached_property
+    def exe_header(self) -> bytes:
+        """The first bytes of the executable, read through /proc/PID/exe."""
+        try:
+            with open(f"{self.dir}/exe", "rb") as f:
+                return f.read(64)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and os.path.exists(self.dir):
+                raise UnsupportedTarget(f"pid {self.pid}: no executable (kernel thread or zombie)",
+                                        pid=self.pid) from None
+            raise from_oserror(exc, self.pid, "open /proc/PID/exe") from None
+
+    def tasks(self) -> list[int]:
+        try:
+            return sorted(int(t) for t in os.listdir(f"{self.dir}/task"))
+        except OSError as exc:
+            raise from_oserror(exc, self.pid, "list threads") from None
+
+    def task_status(self, tid: int) -> dict[str, str]:
+        try:
+            with open(f"{self.dir}/task/{tid}/status", "rb") as f:
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return {}
+        return {k: v.strip() for k, v in
+                (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+
+    def open_root(self) -> int:
+        """An O_PATH descriptor of the process's root directory (its filesystem view)."""
+        try:
+            return os.open(f"{self.dir}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_oserror(exc, self.pid, "open /proc/PID/root") from None
+
+    def readlink(self, name: str) -> str | None:
+        try:
+            return os.readlink(f"{self.dir}/{name}")
+        except OSError:
+            return None
+
+    def map_file_path(self, m: Mapping) -> str:
+        return f"{self.dir}/map_files/{m.start:x}-{m.end:x}"
+
+
+def check_target(proc: Process) -> None:
+    """Refuse what ldfix cannot work on, with a reason."""
+    hdr = proc.exe_header
+    if len(hdr) < 20 or hdr[:4] != b"\x7fELF":
+        raise UnsupportedTarget(f"pid {proc.pid}: executable is not ELF", pid=proc.pid)
+    if hdr[4] != 2:
+        raise UnsupportedTarget(f"pid {proc.pid}: 32-bit process (only 64-bit targets are supported)",
+                                pid=proc.pid)
+    if hdr[5] != 1:
+        raise UnsupportedTarget(f"pid {proc.pid}: big-endian process", pid=proc.pid)
+    machine = struct.unpack_from("<H", hdr, 18)[0]
+    if machine not in (62, 183):
+        raise UnsupportedTarget(f"pid {proc.pid}: unsupported machine {machine}", pid=proc.pid)
+
+
+def arch_name(proc: Process) -> str:
+    machine = struct.unpack_from("<H", proc.exe_header, 18)[0]
+    return {62: "x86_64", 183: "aarch64"}.get(machine, f"machine-{machine}")
+
+
+__all__ = ["Mapping", "Process", "parse_maps", "check_target", "arch_name", "LdfixError"]
