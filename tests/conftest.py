@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import TRIXIE_ROOT, Fixtures, Target, build_fixtures
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
+    """Fixture programs for the host glibc, compiled once per run."""
+    return build_fixtures(tmp_path_factory.mktemp("fixtures-glibc"))
+
+
+@pytest.fixture(scope="session")
+def fx_musl(tmp_path_factory: pytest.TempPathFactory) -> Fixtures:
+    cc = shutil.which("musl-gcc")
+    if cc is None:
+        pytest.skip("no musl-gcc (apt-get install musl-tools)")
+    return build_fixtures(tmp_path_factory.mktemp("fixtures-musl"), cc=cc)
+
+
+@pytest.fixture(scope="session")
+def trixie() -> Path:
+    if not (TRIXIE_ROOT / "usr/lib/x86_64-linux-gnu/libc.so.6").exists():
+        pytest.skip(f"no Debian trixie root at {TRIXIE_ROOT} (scripts/make-test-roots builds it)")
+    return TRIXIE_ROOT
+
+
+@pytest.fixture
+def libdir(tmp_path: Path, fx: Fixtures) -> Path:
+    """A directory holding a private copy of the demo library."""
+    d = tmp_path / "lib"
+    d.mkdir()
+    shutil.copy2(fx.lib, d / "libldfix_demo.so")
+    return d
+
+
+@pytest.fixture
+def target(fx: Fixtures) -> Iterator[Target]:
+    with Target([str(fx.target)]) as t:
+        yield t
