@@ -232,3 +232,9 @@ int ldfix_tgkill(int tgid, int tid, int sig)
 {
     return syscall(SYS_tgkill, tgid, tid, sig) < 0 ? -errno : 0;
 }
+
+int ldfix_kcmp_vm(int pid1, int pid2)
+{
+    long r = syscall(SYS_kcmp, pid1, pid2, 1 /* KCMP_VM */, 0, 0);
+    return r < 0 ? -errno : (int)r;
+}

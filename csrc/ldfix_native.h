@@ -43,5 +43,8 @@ int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg);
 /* waitpid(tid, status, options | __WALL); returns the pid or -errno. */
 int ldfix_waitpid(int tid, int *status, int options);
 int ldfix_tgkill(int tgid, int tid, int sig);
+/* kcmp(KCMP_VM): 0 when both processes share one address space, > 0 when
+ * not, -errno on error. */
+int ldfix_kcmp_vm(int pid1, int pid2);
 
 #endif

@@ -24,6 +24,7 @@ ffibuilder.cdef(
     int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg);
     int ldfix_waitpid(int tid, int *status, int options);
     int ldfix_tgkill(int tgid, int tid, int sig);
+    int ldfix_kcmp_vm(int pid1, int pid2);
     """
 )
 ffibuilder.set_source(

@@ -35,6 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("pid", type=_pid)
     d.add_argument("--json", action="store_true", help="one JSON object")
 
+    for name, helptext in (("fix", "rewrite the stale ids of processes"),
+                           ("check", "exit 0 when no stale id remains, 8 when some do")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("pids", type=_pid, nargs="+", metavar="PID")
+        c.add_argument("--tree", action="store_true", help="also every descendant of each PID")
+        c.add_argument("--json", action="store_true", help="one JSON object")
+        if name == "fix":
+            c.add_argument("--dry-run", action="store_true",
+                           help="show what would be written (address, old id, new id, path); write nothing")
+
+    sub.add_parser("demo", help="show the bug and the repair on a real process (simulated restore)")
     return p
 
 
@@ -60,6 +71,61 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _targets(args: argparse.Namespace) -> tuple[list[int], dict[int, int]]:
+    from ldfix.tree import address_spaces, descendants
+
+    pids: list[int] = []
+    for pid in args.pids:
+        pids.extend(descendants(pid) if args.tree else [pid])
+    return address_spaces(pids)
+
+
+def _aggregate(codes: list[int]) -> int:
+    failed = [c for c in codes if c != ExitCode.OK]
+    if not failed:
+        return ExitCode.OK
+    if len(failed) < len(codes):
+        return ExitCode.PARTIAL
+    return failed[0] if len(set(failed)) == 1 else ExitCode.PARTIAL
+
+
+def cmd_fix(args: argparse.Namespace, check_only: bool = False) -> int:
+    from ldfix.repair import FixReport, fix
+    from ldfix.report import fix_json, fix_text
+
+    pids, covered = _targets(args)
+    reports: list[FixReport] = []
+    for pid in pids:
+        try:
+            rep = fix(pid, dry_run=check_only or args.dry_run)
+        except LdfixError as exc:
+            rep = FixReport(pid=pid, dry_run=check_only or args.dry_run, error=str(exc),
+                            exit_code=exc.exit_code)
+        if check_only and rep.error is None and rep.planned:
+            rep.exit_code = ExitCode.STALE
+        reports.append(rep)
+        if not args.json:
+            if check_only:
+                state = rep.error or (f"{len(rep.planned)} stale id(s)" if rep.planned else "no stale id")
+                print(f"pid {rep.pid}: {state}")
+            else:
+                print(fix_text(rep))
+        if rep.error and not args.json:
+            _error(rep.error)
+    code = _aggregate([r.exit_code for r in reports])
+    if args.json:
+        doc = {"processes": [fix_json(r) for r in reports],
+               "covered": {str(k): v for k, v in covered.items()}, "exit_code": code}
+        print(json.dumps(doc, indent=1))
+    return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ldfix.demo import run_demo
+
+    return run_demo()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -68,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if exc.code in (0, None) else ExitCode.USAGE
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="ldfix: %(name)s: %(message)s")
-    handler = {"dump": cmd_dump}[args.command]
+    handler = {"dump": cmd_dump, "fix": cmd_fix, "check": lambda a: cmd_fix(a, check_only=True),
+               "demo": cmd_demo}[args.command]
     try:
         return handler(args)
     except LdfixError as exc:

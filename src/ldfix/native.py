@@ -100,3 +100,8 @@ def waitpid(tid: int, options: int = 0) -> tuple[int, int]:
 
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     _check(lib.ldfix_tgkill(tgid, tid, sig), "tgkill")
+
+
+def kcmp_vm(pid1: int, pid2: int) -> bool:
+    """True when both processes share one address space (kcmp KCMP_VM)."""
+    return _check(lib.ldfix_kcmp_vm(pid1, pid2), "kcmp") == 0

@@ -64,6 +64,8 @@ class Process:
             self.pid = self.tgid
             self.dir = f"{proc}/{self.tgid}"
         self.name = fields.get("Name", "").strip()
+        if fields.get("State", "").strip().startswith(("Z", "X")):
+            raise NoSuchProcess(f"pid {pid}: exited (zombie, not yet reaped)", pid=pid)
         if fields.get("Kthread", "0").strip() == "1":
             raise UnsupportedTarget(f"pid {pid}: kernel thread, no user-space loader", pid=pid)
 

@@ -84,3 +84,46 @@ def inspection_table(ins: Inspection) -> str:
     for w in ins.warnings:
         lines.append(f"warning: {escape(w.encode())}")
     return "\n".join(lines)
+
+
+def fix_json(rep: Any) -> dict[str, Any]:
+    """One process of `ldfix fix --json` (rep: repair.FixReport)."""
+    def rw(r: Any) -> dict[str, Any]:
+        return {"name": escape(r.name), "namespace": r.namespace, "address": r.address,
+                "old": r.old.as_json(), "new": r.new.as_json()}
+    li = rep.loader
+    return {
+        "pid": rep.pid,
+        "loader": None if li is None else {"kind": li.kind, "version": li.version, "arch": li.arch,
+                                           "layout_source": li.layout_source},
+        "dry_run": rep.dry_run,
+        "planned": [rw(r) for r in rep.planned] if rep.dry_run else None,
+        "rewritten": [rw(r) for r in rep.rewritten],
+        "skipped": [{"name": escape(s.name), "namespace": s.namespace, "status": s.status.value,
+                     "reason": s.reason} for s in rep.skipped],
+        "pause_us": rep.pause_us,
+        "freeze": rep.freeze,
+        "attempts": rep.attempts,
+        "error": rep.error,
+        "exit_code": rep.exit_code,
+    }
+
+
+def fix_text(rep: Any) -> str:
+    if rep.error:
+        return f"pid {rep.pid}: FAILED: {rep.error}"
+    rows = rep.planned if rep.dry_run else rep.rewritten
+    verb = "would rewrite" if rep.dry_run else "rewrote"
+    head = f"pid {rep.pid}: {verb} {len(rows)} id(s)"
+    if not rep.dry_run and rows:
+        head += f" (threads held {rep.pause_us} us, {rep.freeze})"
+    lines = [head]
+    for r in rows:
+        lines.append(f"  0x{r.address:x}  {r.old} -> {r.new}  [ns {r.namespace}] {escape(r.name)}")
+    notable = [s for s in rep.skipped if s.status.value not in ("ok", "unset", "virtual")]
+    for s in notable:
+        lines.append(f"  skipped {s.status.value:<8} {escape(s.name)}: {s.reason}")
+    quiet = len(rep.skipped) - len(notable)
+    if quiet:
+        lines.append(f"  ({quiet} other objects ok, unset or virtual)")
+    return "\n".join(lines)

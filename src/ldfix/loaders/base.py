@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ldfix.memory import Memory
@@ -22,6 +23,9 @@ class BusyField:
 class Analysis:
     inspection: Inspection
     busy_fields: list[BusyField] = field(default_factory=list)
+    # Re-walks the lists (public fields only) and returns every object address
+    # reachable now; the repair calls it under the freeze.
+    members: Callable[[Memory], set[int]] | None = None
 
     def busy(self, mem: Memory) -> str | None:
         """Why the loader is in the middle of a change, or None."""

@@ -76,7 +76,8 @@ class NamespaceList:
     maps: list[RawMap]
 
 
-def walk_chain(mem: Memory, head: int, budget: int, position: int) -> tuple[list[RawMap], str | None]:
+def walk_chain(mem: Memory, head: int, budget: int, position: int,
+               read_size: int = WINDOW) -> tuple[list[RawMap], str | None]:
     """Follow l_next from `head`; stops at a cycle, a bad pointer or the budget."""
     maps: list[RawMap] = []
     seen: set[int] = set()
@@ -88,7 +89,7 @@ def walk_chain(mem: Memory, head: int, budget: int, position: int) -> tuple[list
             return maps, f"list longer than {MAX_OBJECTS} objects: truncated"
         if addr % 8 or addr >= 1 << 47:
             return maps, f"l_next points to an impossible address 0x{addr:x}"
-        raw = mem.read_many([(addr, WINDOW)])[0]
+        raw = mem.read_many([(addr, read_size)])[0]
         if len(raw) < 56:
             return maps, f"link_map at 0x{addr:x} is unreadable"
         m = RawMap(addr, raw, position)
@@ -308,7 +309,16 @@ class GlibcBackend:
             for o in objects:
                 o.status, o.reason = Status.UNKNOWN, "id layout not verified"
         inspection = Inspection(pid, info, objects, partial=partial, warnings=self.warnings)
-        return Analysis(inspection, busy)
+        return Analysis(inspection, busy, members=lambda m: self.members(m, pre))
+
+    def members(self, mem: Memory, pre: GlibcLayout | None) -> set[int]:
+        """Addresses of every link_map reachable now (public fields only)."""
+        heads, _ = find_namespaces(mem, self.view.r_debug, self.rtld_global, pre)
+        out: set[int] = set()
+        for pos, (_hint, _dbg, head) in enumerate(heads):
+            maps, _problem = walk_chain(mem, head, MAX_OBJECTS, pos, read_size=64)
+            out.update(m.addr for m in maps if m.l_real == m.addr)
+        return out
 
     def cross_check(self, layout: GlibcLayout, lists: list[NamespaceList], roles: dict[int, str]) -> list[str]:
         """Every invariant the verified layout implies, on every map of the target."""

@@ -1,0 +1,170 @@
+"""The repair: plan outside the freeze, then under it check, write, read back.
+
+DESIGN.md "The write protocol":
+ 1. plan: which address gets which 16 bytes, from a verified layout;
+ 2. freeze every thread (or know the target is held by its restorer);
+ 3. the loader must not be mid-change (r_state, load lock): else thaw, back
+    off, retry (bounded);
+ 4. the planned objects must still be in the lists and still hold the old id;
+    write all in one batched call; read back; thaw.
+Nothing is written on any doubt, and the report says why."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from ldfix.api import Options, Session, open_session
+from ldfix.errors import CorruptTarget, LayoutUnverified, LdfixError, LoaderBusy, WriteFailed
+from ldfix.errors import AccessDenied
+from ldfix.freeze import Freeze, freeze, tracer_of
+from ldfix.model import FileId, LoaderInfo, Status
+
+MAX_ATTEMPTS = 20
+BACKOFF_START = 0.001
+BACKOFF_MAX = 0.05
+
+
+@dataclass
+class Rewrite:
+    name: bytes
+    namespace: int
+    address: int       # of the id field in the target
+    old: FileId
+    new: FileId
+
+
+@dataclass
+class Skipped:
+    name: bytes
+    namespace: int
+    status: Status
+    reason: str
+
+
+@dataclass
+class FixReport:
+    pid: int
+    loader: LoaderInfo | None = None
+    dry_run: bool = False
+    planned: list[Rewrite] = field(default_factory=list)
+    rewritten: list[Rewrite] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    pause_us: int | None = None
+    freeze: str = ""              # how the target was held
+    attempts: int = 0
+    error: str | None = None
+    exit_code: int = 0
+    stale_left: int = 0
+
+
+def _plan(session: Session) -> tuple[list[Rewrite], list[Skipped]]:
+    ins = session.inspection
+    if ins.loader.layout_source is None:
+        raise LayoutUnverified(f"pid {ins.pid}: nothing written: {ins.loader.layout_error}",
+                               pid=ins.pid)
+    if ins.partial:
+        raise CorruptTarget(f"pid {ins.pid}: nothing written: the loader's lists do not hold "
+                            f"together ({'; '.join(ins.warnings)})", pid=ins.pid)
+    plan, skipped = [], []
+    for o in ins.objects:
+        if o.status is Status.STALE and o.writable and o.id_address and o.stored and o.current:
+            plan.append(Rewrite(o.name, o.namespace, o.id_address, o.stored, o.current))
+        else:
+            reason = o.reason
+            if o.status is Status.STALE:
+                reason = f"stale, but not written ({o.role})"
+            skipped.append(Skipped(o.name, o.namespace, o.status, reason))
+    return plan, skipped
+
+
+def _hold(session: Session, stopped_by: str | None) -> Freeze:
+    """Freeze the target, or record why it need not (or cannot) be."""
+    proc = session.proc
+    if stopped_by:
+        return Freeze(proc, mode=f"held by {stopped_by} (not attached)")
+    if proc.pid == os.getpid():
+        # ptrace cannot stop our own threads.  The load lock check below still
+        # guards against a concurrent dlopen; a 16-byte store is all we do.
+        return Freeze(proc, mode="self (own threads not stopped)")
+    tracer, all_stopped = tracer_of(proc)
+    if tracer:
+        if all_stopped:
+            return Freeze(proc, mode=f"already stopped by tracer pid {tracer} (not attached)")
+        raise AccessDenied(f"pid {proc.pid}: traced by pid {tracer} and running: cannot hold it",
+                           pid=proc.pid)
+    return freeze(proc)
+
+
+def _write_under_hold(session: Session, plan: list[Rewrite]) -> tuple[str | None, str]:
+    """Checks and writes while held.  Returns (None, "") when written, else
+    ("busy" | "replan", why): retry after a back-off, re-planning for "replan"."""
+    mem, analysis = session.mem, session.analysis
+    busy = analysis.busy(mem)
+    if busy:
+        return "busy", busy
+    if analysis.members is None:
+        raise CorruptTarget(f"pid {session.proc.pid}: cannot re-walk the loader's lists", pid=session.proc.pid)
+    live = analysis.members(mem)
+    owner = {o.id_address: o.address for o in session.inspection.objects if o.id_address}
+    for rw in plan:
+        if owner.get(rw.address) not in live:
+            return "replan", f"object {rw.name!r} left the loader's lists"
+    current = mem.read_many([(rw.address, 16) for rw in plan])
+    for rw, raw in zip(plan, current):
+        if raw != rw.old.pack():
+            return "replan", f"id at 0x{rw.address:x} changed since planning"
+    done = mem.write_many([(rw.address, rw.new.pack()) for rw in plan])
+    back = mem.read_many([(rw.address, 16) for rw in plan])
+    bad = [rw for rw, n, raw in zip(plan, done, back) if n != 16 or raw != rw.new.pack()]
+    if bad:
+        raise WriteFailed(f"pid {session.proc.pid}: write at 0x{bad[0].address:x} did not read back "
+                          f"as written ({len(bad)} of {len(plan)} failed)", pid=session.proc.pid,
+                          address=bad[0].address)
+    return None, ""
+
+
+def fix(pid: int, dry_run: bool = False, *, options: Options | None = None,
+        stopped_by: str | None = None, max_attempts: int = MAX_ATTEMPTS) -> FixReport:
+    """Rewrite every stale id of process `pid` to its file's current id.
+
+    `stopped_by` names who holds the target's threads (e.g. "criu"), in which
+    case ldfix does not attach.  Raises LdfixError when nothing could be done;
+    returns the report otherwise."""
+    report = FixReport(pid=pid, dry_run=dry_run)
+    pause_ns = 0
+    delay = BACKOFF_START
+    why = ""
+    while report.attempts < max_attempts:
+        with open_session(pid, options) as session:
+            report.pid = session.proc.pid
+            report.loader = session.inspection.loader
+            plan, report.skipped = _plan(session)
+            report.planned = plan
+            if dry_run or not plan:
+                report.freeze, report.pause_us = "none", 0
+                return report
+            while report.attempts < max_attempts:
+                report.attempts += 1
+                fz = _hold(session, stopped_by)
+                report.freeze = fz.mode
+                with fz:
+                    kind, why = _write_under_hold(session, plan)
+                pause_ns += fz.pause_ns
+                report.pause_us = pause_ns // 1000
+                if kind is None:
+                    report.rewritten = plan
+                    return report
+                if fz.mode.startswith(("held by", "already stopped")):
+                    report.attempts = max_attempts  # held by someone else: waiting changes nothing
+                    break
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                if kind == "replan":
+                    break
+    raise LoaderBusy(f"pid {report.pid}: nothing written after {report.attempts} attempt(s): {why}",
+                     pid=report.pid)
+
+
+__all__ = ["fix", "FixReport", "Rewrite", "Skipped", "LdfixError"]
