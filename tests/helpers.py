@@ -115,9 +115,17 @@ class Target:
 
 
 def replace_with_copy(path: Path) -> None:
-    """Simulated restore (a): the same bytes under the same path, a new inode."""
+    """Simulated restore (a): the same bytes under the same path, a new inode.
+
+    The old inode stays linked under another name, so that a later copy can
+    never be given the old inode number again (the file system reuses freed
+    inode numbers, which would make the new file look like the old one)."""
     tmp = path.with_name(path.name + ".restored")
     shutil.copy2(path, tmp)
+    n = 0
+    while path.with_name(f"{path.name}.old{n}").exists():
+        n += 1
+    os.link(path, path.with_name(f"{path.name}.old{n}"))
     os.rename(tmp, path)
 
 

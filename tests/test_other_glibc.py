@@ -24,8 +24,9 @@ import pytest
 
 import ldfix
 from helpers import Fixtures, Target, ldfix as run_ldfix, remount_fresh_tmpfs, replace_with_copy
+from ldfix import layouts_table as table
 from ldfix.elf import ElfFile
-from ldfix.layout import dwarf_glibc_layout
+from ldfix.layout import dwarf_glibc_layout, layout_from_row
 from ldfix.model import Status
 
 VERSION = "2.41"
@@ -103,9 +104,10 @@ class Chroot:
 
 @pytest.fixture
 def box(trixie: Path, fx: Fixtures) -> Iterator[Chroot]:
-    host_dir = Path(tempfile.mkdtemp(prefix="ldfix-test-", dir=trixie / "tmp"))
+    root = trixie.resolve()  # as /proc/PID/root shows it
+    host_dir = Path(tempfile.mkdtemp(prefix="ldfix-test-", dir=root / "tmp"))
     os.chmod(host_dir, 0o755)
-    c = Chroot(trixie, "/" + str(host_dir.relative_to(trixie)), fx)
+    c = Chroot(root, "/" + str(host_dir.relative_to(root)), fx)
     try:
         shutil.copy2(fx.target, host_dir / fx.target.name)
         (host_dir / "lib").mkdir()
@@ -250,6 +252,28 @@ def test_file_id_offset_is_992(box: Chroot, trixie_debug: Path) -> None:
         raw.close()
 
 
+def test_table_row_for_241_matches_dwarf(trixie_debug: Path) -> None:
+    """layouts_table's 2.39+ x86_64 rows name this build as verified: they must
+    agree with its DWARF on every field ldfix reads from a link_map and on
+    _rtld_global's head.  Not _ns_debug: Debian's 2.41 (since 2.41-12+deb13u2)
+    carries the stable-branch fix "_r_debug handling when interposed by the main
+    executable", after which that member is _ns_debug_unused (the namespaces'
+    r_debug live elsewhere), so its DWARF names no _ns_debug."""
+    fd = os.open(trixie_debug, os.O_RDONLY)
+    try:
+        dw = dwarf_glibc_layout(fd)
+    finally:
+        os.close(fd)
+    assert dw is not None
+    row = table.glibc_row(VERSION, "x86_64")
+    rrow = table.rtld_row(VERSION, "x86_64")
+    assert row is not None and rrow is not None
+    tab = layout_from_row(row, rrow)
+    fields = ("file_id", "l_real", "l_ns", "l_phdr", "l_phnum", "l_map_start", "l_map_end",
+              "l_type", "l_removed", "l_local_scope", "ns_size", "nns", "load_lock")
+    assert {f: getattr(dw, f) for f in fields} == {f: getattr(tab, f) for f in fields}
+
+
 def test_no_dwarf_anywhere_gives_structure_and_table(box: Chroot, trixie: Path, trixie_debug: Path) -> None:
     bid = loader_build_id(trixie)
     if debug_file(Path("/usr/lib/debug"), bid).exists():
@@ -266,6 +290,7 @@ def test_no_dwarf_anywhere_gives_structure_and_table(box: Chroot, trixie: Path, 
     b = ldfix.inspect(hidden.pid)
     assert a.loader.layout_source == "dwarf"
     assert b.loader.layout_source == "structure+table", b.loader.layout_error
+    assert b.loader.layout_error is None
     assert b.loader.version == VERSION
     # The same statuses (and the same ids read) whichever source gave the layout.
     assert [(o.display_name, o.role, o.status) for o in a.objects] == \

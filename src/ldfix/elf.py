@@ -153,7 +153,7 @@ class ElfFile:
                 if shndx == 0 or st_name >= len(strs):
                     continue
                 end = strs.find(b"\0", st_name)
-                if strs[st_name:end] == wanted:
+                if end >= 0 and strs[st_name:end] == wanted:  # -1 would cut a byte off
                     return value, st_size
         return None
 

@@ -87,6 +87,14 @@ def _wait_stop(tid: int, deadline: float) -> int | None:
         delay = min(delay * 2, 5e-3)
 
 
+def _test_hold() -> None:
+    """LDFIX_TEST_HOLD_MS keeps the target stopped that long: a test aid that
+    lets the tests kill ldfix while it holds a target (never set in use)."""
+    ms = os.environ.get("LDFIX_TEST_HOLD_MS")
+    if ms:
+        time.sleep(int(ms) / 1000)
+
+
 def freeze(proc: Process) -> Freeze:
     """Stop every thread of `proc`; the caller must thaw (use as a context manager)."""
     fz = Freeze(proc, mode="ptrace")
@@ -95,6 +103,7 @@ def freeze(proc: Process) -> Freeze:
         for _ in range(MAX_ROUNDS):
             new = [t for t in proc.tasks() if t not in fz.held]
             if not new:
+                _test_hold()
                 return fz
             seized = []
             for tid in new:

@@ -159,7 +159,9 @@ def image_facts(mem: Memory, images: Sequence[tuple[int, int]]) -> list[ImageFac
         loads = [p for p in phdrs if p.p_type == elf.PT_LOAD]
         page = min(4096, loads[0].p_filesz) if loads and loads[0].p_offset == 0 else 0
         plans.append((len(more), len(more) + 1))
-        more.append((bias + note.p_vaddr, note.p_filesz) if note else (start, 0))
+        # Loader arithmetic is modulo 2**64: l_addr is "negative" for an
+        # object mapped below its link-time address (prelink).
+        more.append(((bias + note.p_vaddr) % (1 << 64), note.p_filesz) if note else (start, 0))
         more.append((start, page))
     data = mem.read_many(more)
     out: list[ImageFacts | None] = []

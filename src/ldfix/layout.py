@@ -162,7 +162,11 @@ def structure_scan(maps: Sequence[tuple[int, bytes]], lo: int = 560, hi: int = 1
     candidates: set[tuple[int, int]] | None = None
     for addr, raw in maps:
         here = set()
-        for k in range(lo, min(hi, len(raw) - 8) + 1, 8):
+        top = min(hi, len(raw) - 8)
+        # After the first map only the offsets still in the running are
+        # tried: a list of thousands of maps costs one window, not thousands.
+        ks = range(lo, top + 1, 8) if candidates is None else sorted({k for k, _ in candidates if k <= top})
+        for k in ks:
             rel = int.from_bytes(raw[k:k + 8], "little") - addr
             if not (200 <= rel < k - 48):
                 continue

@@ -67,6 +67,17 @@ def read_cstring(mem: Memory, addr: int, limit: int = 4096) -> tuple[bytes, bool
     return out, False
 
 
+def _check_sizes(regions: Sequence[tuple[int, int]], pid: int | None) -> None:
+    """A size out of bounds is the caller's mistake: refuse the whole batch."""
+    for addr, size in regions:
+        if size < 0 or size > MAX_READ:
+            raise MemoryFault(addr, size, pid=pid)
+
+
+def _addressable(addr: int, size: int) -> bool:
+    return 0 <= addr < 1 << 64 and addr + size <= 1 << 64
+
+
 class ProcessMemory:
     """Memory of a live process: process_vm_readv/writev in batches, with
     /proc/PID/mem (opened once) as the fallback."""
@@ -91,13 +102,17 @@ class ProcessMemory:
         self.close()
 
     def read_many(self, regions: Sequence[tuple[int, int]]) -> list[bytes]:
-        for addr, size in regions:
-            if size < 0 or size > MAX_READ or addr < 0 or addr + size > 1 << 64:
-                raise MemoryFault(addr, size, pid=self.pid)
+        _check_sizes(regions, self.pid)
+        # An address outside the 64-bit space (a wild pointer from the target)
+        # faults like unmapped memory: that region comes back empty, the
+        # others are still read.
+        inside = [_addressable(addr, size) for addr, size in regions]
         try:
-            return native.vm_read(self.pid, self._memfd, regions)
+            got = iter(native.vm_read(self.pid, self._memfd,
+                                      [r for r, ok in zip(regions, inside) if ok]))
         except OSError as exc:
             raise from_oserror(exc, self.pid, "read memory") from None
+        return [next(got) if ok else b"" for ok in inside]
 
     def write_many(self, regions: Sequence[tuple[int, bytes]]) -> list[int]:
         try:
@@ -131,6 +146,7 @@ class ImageMemory:
         return start, data
 
     def read_many(self, regions: Sequence[tuple[int, int]]) -> list[bytes]:
+        _check_sizes(regions, self.pid)  # refuse what ProcessMemory refuses
         out = []
         for addr, size in regions:
             got = b""

@@ -22,6 +22,7 @@ from ldfix.freeze import Freeze, freeze, tracer_of
 from ldfix.model import FileId, LoaderInfo, Status
 
 MAX_ATTEMPTS = 20
+PLAN_ATTEMPTS = 5
 BACKOFF_START = 0.001
 BACKOFF_MAX = 0.05
 
@@ -140,7 +141,19 @@ def fix(pid: int, dry_run: bool = False, *, options: Options | None = None,
         with open_session(pid, options) as session:
             report.pid = session.proc.pid
             report.loader = session.inspection.loader
-            plan, report.skipped = _plan(session)
+            try:
+                plan, report.skipped = _plan(session)
+            except (LayoutUnverified, CorruptTarget) as exc:
+                # A load or unload racing with the (unfrozen) planning reads can
+                # make the lists look inconsistent: look again a few times; a
+                # real inconsistency persists and is reported.
+                report.attempts += 1
+                if report.attempts >= min(max_attempts, PLAN_ATTEMPTS):
+                    raise
+                why = str(exc)
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
             report.planned = plan
             if dry_run or not plan:
                 report.freeze, report.pause_us = "none", 0

@@ -78,7 +78,9 @@ def address_spaces(pids: list[int]) -> tuple[list[int], dict[int, int]]:
         except OSError:
             exe = None
         same = None
-        for other in by_exe.get(exe, []):
+        # Without an executable there is no address space to share (zombies,
+        # kernel threads): kcmp would call two empty ones equal.
+        for other in by_exe.get(exe, []) if exe is not None else []:
             try:
                 if native.kcmp_vm(pid, other):
                     same = other

@@ -27,6 +27,10 @@ WINDOW = 1216          # bytes read of every link_map: the public prefix and eve
 MAX_OBJECTS = 16384    # per process, over all namespaces
 MAX_NAMESPACES = 16    # DL_NNS
 NAME_LIMIT = 4096
+# Above every user-space address (x86_64 with 5-level paging: 2**56; aarch64:
+# 2**48, or 2**52), below every kernel one.  Not 2**47: aarch64 maps ld.so,
+# and so the link_maps it allocates, at 0xffff........
+USER_TOP = 1 << 56
 RT_STATES = {0: "RT_CONSISTENT", 1: "RT_ADD", 2: "RT_DELETE"}
 
 
@@ -87,7 +91,7 @@ def walk_chain(mem: Memory, head: int, budget: int, position: int,
             return maps, f"cycle in l_next at 0x{addr:x}"
         if len(maps) >= budget:
             return maps, f"list longer than {MAX_OBJECTS} objects: truncated"
-        if addr % 8 or addr >= 1 << 47:
+        if addr % 8 or addr >= USER_TOP:
             return maps, f"l_next points to an impossible address 0x{addr:x}"
         raw = mem.read_many([(addr, read_size)])[0]
         if len(raw) < 56:
