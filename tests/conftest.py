@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TRIXIE_ROOT, Fixtures, Target, build_fixtures
+from helpers import TRIXIE_ROOT, Chroot, Fixtures, Target, build_fixtures, chroot_box
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +43,17 @@ def libdir(tmp_path: Path, fx: Fixtures) -> Path:
 def target(fx: Fixtures) -> Iterator[Target]:
     with Target([str(fx.target)]) as t:
         yield t
+
+
+@pytest.fixture
+def box(trixie: Path, fx: Fixtures) -> Iterator[Chroot]:
+    """glibc fixture programs inside the trixie root (glibc 2.41)."""
+    with chroot_box(trixie, fx) as c:
+        yield c
+
+
+@pytest.fixture
+def musl_box(trixie: Path, fx_musl: Fixtures) -> Iterator[Chroot]:
+    """musl fixture programs inside the trixie root (musl 1.2.5)."""
+    with chroot_box(trixie, fx_musl) as c:
+        yield c

@@ -11,11 +11,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import shlex
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE_SRC = REPO / "csrc" / "fixtures"
+DEBUG_DIR = "usr/lib/debug"
 TRIXIE_ROOT = Path(os.environ.get("LDFIX_TEST_TRIXIE", "/var/cache/ldfix-tests/trixie"))
 
 
@@ -114,6 +119,64 @@ class Target:
         self.kill()
 
 
+class FifoTarget(Target):
+    """A target started by another target (`serve` / `spawn`), spoken to over FIFOs."""
+
+    def __init__(self, parent: Target, verb: str, fifo_dir: Path, prog: Path | None = None,
+                 timeout: float = 20.0) -> None:
+        fifo_dir.mkdir(parents=True, exist_ok=True)
+        n = len(list(fifo_dir.glob("in*")))
+        fin, fout = fifo_dir / f"in{n}", fifo_dir / f"out{n}"
+        os.mkfifo(fin)
+        os.mkfifo(fout)
+        args = f"{prog} {fin} {fout}" if prog else f"{fin} {fout}"
+        reply = parent.cmd(f"{verb} {args}")
+        if not reply.startswith("ok pid="):
+            raise RuntimeError(f"{verb} failed: {reply}")
+        self.child_pid = int(reply.split("=")[1])
+        self.timeout = timeout
+        self._buf = b""
+        self._w = open(fin, "wb", buffering=0)
+        self._r = os.open(fout, os.O_RDONLY)
+        self.proc = None  # type: ignore[assignment]
+        line = self.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"child target did not start: {line!r}")
+        self.pid = int(line.split()[1])
+
+    def readline(self) -> str:
+        deadline = time.monotonic() + self.timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise TimeoutError("child target did not answer")
+            chunk = os.read(self._r, 4096)
+            if not chunk:
+                raise EOFError("child target exited")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def cmd(self, line: str) -> str:
+        self._w.write(line.encode() + b"\n")
+        return self.readline()
+
+    def alive(self) -> bool:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self._w.close()
+        os.close(self._r)
+
+
 def replace_with_copy(path: Path) -> None:
     """Simulated restore (a): the same bytes under the same path, a new inode.
 
@@ -148,3 +211,98 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
         pass
+
+
+def _mounts() -> list[str]:
+    """Mount points of the caller's (the host's) mount namespace."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        return [line.split()[4].decode("unicode_escape") for line in f]
+
+
+@dataclass
+class Chroot:
+    """A scratch directory inside the root, holding the fixture programs, and
+    the targets started in it (always reaped by the fixture's teardown)."""
+
+    root: Path
+    inner: str                       # the scratch directory as the target sees it
+    fx: Fixtures
+    targets: list[Target] = field(default_factory=list)
+
+    @property
+    def host_dir(self) -> Path:
+        return self.root / self.inner.lstrip("/")
+
+    def host(self, inner: str) -> Path:
+        """Where a path inside the root is, seen from the host."""
+        return self.root / inner.lstrip("/")
+
+    def lib(self, sub: str = "lib") -> str:
+        return f"{self.inner}/{sub}/{self.fx.lib.name}"
+
+    def start(self, *, hide_debug: bool = False, tmpfs_libdir: str | None = None) -> Target:
+        """Run ldfix-target chrooted in the root, in a private mount namespace.
+
+        hide_debug: an empty tmpfs over ROOT/usr/lib/debug first, so that the
+          target's root holds no debug files.
+        tmpfs_libdir: a directory (inside the scratch directory) made a tmpfs
+          holding a copy of the demo library."""
+        q = shlex.quote
+        steps = ["set -e"]
+        if hide_debug:
+            steps.append(f"mount -t tmpfs -o size=1m,mode=755 ldfix-no-debug {q(str(self.host(DEBUG_DIR)))}")
+        if tmpfs_libdir is not None:
+            d = self.host_dir / tmpfs_libdir
+            d.mkdir(exist_ok=True)
+            steps.append(f"mount -t tmpfs -o size=16m ldfix-before {q(str(d))}")
+            steps.append(f"cp {q(str(self.fx.lib))} {q(str(d))}/")
+        steps.append(f"exec chroot {q(str(self.root))} {q(self.inner + '/' + self.fx.target.name)}")
+        t = Target(["unshare", "-m", "--propagation", "private", "sh", "-c", "; ".join(steps)])
+        self.targets.append(t)
+        # unshare, sh and chroot all exec: the process we started is the target.
+        assert t.pid == t.proc.pid
+        assert os.readlink(f"/proc/{t.pid}/root") == str(self.root)
+        return t
+
+    def leftovers(self) -> list[int]:
+        """Pids of processes still running a program from the scratch directory."""
+        out = []
+        prefix = str(self.host_dir) + "/"
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                exe = os.readlink(f"/proc/{entry}/exe")
+            except OSError:
+                continue
+            if exe.startswith(prefix):
+                out.append(int(entry))
+        return out
+
+
+@contextmanager
+def chroot_box(trixie: Path, fx: Fixtures) -> Iterator[Chroot]:
+    """A scratch directory inside the root with the fixture programs; every
+    target started in it is reaped, and no mount may leak to the host."""
+    root = trixie.resolve()  # as /proc/PID/root shows it
+    host_dir = Path(tempfile.mkdtemp(prefix="ldfix-test-", dir=root / "tmp"))
+    os.chmod(host_dir, 0o755)
+    c = Chroot(root, "/" + str(host_dir.relative_to(root)), fx)
+    try:
+        shutil.copy2(fx.target, host_dir / fx.target.name)
+        (host_dir / "lib").mkdir()
+        shutil.copy2(fx.lib, host_dir / "lib" / fx.lib.name)
+        yield c
+    finally:
+        for t in c.targets:
+            t.kill()
+        # Each target was alone in its mount namespace: killing it took its
+        # mounts with it.  Anything still running from here was started by us.
+        stray = c.leftovers()
+        for pid in stray:
+            os.kill(pid, signal.SIGKILL)
+        host_mounts = [m for m in _mounts() if m == str(host_dir) or m.startswith(str(host_dir) + "/")
+                       or m == str(c.host(DEBUG_DIR))]
+        shutil.rmtree(host_dir, ignore_errors=True)
+        assert not stray, f"processes left running from {host_dir}: {stray}"
+        assert not host_mounts, f"mounts leaked into the host's namespace: {host_mounts}"

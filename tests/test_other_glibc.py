@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import ldfix
-from helpers import Fixtures, Target, ldfix as run_ldfix, remount_fresh_tmpfs, replace_with_copy
+from helpers import DEBUG_DIR, Chroot, Fixtures, Target, ldfix as run_ldfix, remount_fresh_tmpfs, replace_with_copy
 from ldfix import layouts_table as table
 from ldfix.elf import ElfFile
 from ldfix.layout import dwarf_glibc_layout, layout_from_row
@@ -32,100 +32,6 @@ from ldfix.model import Status
 VERSION = "2.41"
 FILE_ID_OFFSET = 992  # l_file_id in struct link_map, glibc 2.39+ on x86_64
 ARCH_LIBDIR = "usr/lib/x86_64-linux-gnu"
-DEBUG_DIR = "usr/lib/debug"
-
-
-def _mounts() -> list[str]:
-    """Mount points of the caller's (the host's) mount namespace."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        return [line.split()[4].decode("unicode_escape") for line in f]
-
-
-@dataclass
-class Chroot:
-    """A scratch directory inside the root, holding the fixture programs, and
-    the targets started in it (always reaped by the fixture's teardown)."""
-
-    root: Path
-    inner: str                       # the scratch directory as the target sees it
-    fx: Fixtures
-    targets: list[Target] = field(default_factory=list)
-
-    @property
-    def host_dir(self) -> Path:
-        return self.root / self.inner.lstrip("/")
-
-    def host(self, inner: str) -> Path:
-        """Where a path inside the root is, seen from the host."""
-        return self.root / inner.lstrip("/")
-
-    def lib(self, sub: str = "lib") -> str:
-        return f"{self.inner}/{sub}/{self.fx.lib.name}"
-
-    def start(self, *, hide_debug: bool = False, tmpfs_libdir: str | None = None) -> Target:
-        """Run ldfix-target chrooted in the root, in a private mount namespace.
-
-        hide_debug: an empty tmpfs over ROOT/usr/lib/debug first, so that the
-          target's root holds no debug files.
-        tmpfs_libdir: a directory (inside the scratch directory) made a tmpfs
-          holding a copy of the demo library."""
-        q = shlex.quote
-        steps = ["set -e"]
-        if hide_debug:
-            steps.append(f"mount -t tmpfs -o size=1m,mode=755 ldfix-no-debug {q(str(self.host(DEBUG_DIR)))}")
-        if tmpfs_libdir is not None:
-            d = self.host_dir / tmpfs_libdir
-            d.mkdir(exist_ok=True)
-            steps.append(f"mount -t tmpfs -o size=16m ldfix-before {q(str(d))}")
-            steps.append(f"cp {q(str(self.fx.lib))} {q(str(d))}/")
-        steps.append(f"exec chroot {q(str(self.root))} {q(self.inner + '/' + self.fx.target.name)}")
-        t = Target(["unshare", "-m", "--propagation", "private", "sh", "-c", "; ".join(steps)])
-        self.targets.append(t)
-        # unshare, sh and chroot all exec: the process we started is the target.
-        assert t.pid == t.proc.pid
-        assert os.readlink(f"/proc/{t.pid}/root") == str(self.root)
-        return t
-
-    def leftovers(self) -> list[int]:
-        """Pids of processes still running a program from the scratch directory."""
-        out = []
-        prefix = str(self.host_dir) + "/"
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                exe = os.readlink(f"/proc/{entry}/exe")
-            except OSError:
-                continue
-            if exe.startswith(prefix):
-                out.append(int(entry))
-        return out
-
-
-@pytest.fixture
-def box(trixie: Path, fx: Fixtures) -> Iterator[Chroot]:
-    root = trixie.resolve()  # as /proc/PID/root shows it
-    host_dir = Path(tempfile.mkdtemp(prefix="ldfix-test-", dir=root / "tmp"))
-    os.chmod(host_dir, 0o755)
-    c = Chroot(root, "/" + str(host_dir.relative_to(root)), fx)
-    try:
-        shutil.copy2(fx.target, host_dir / fx.target.name)
-        (host_dir / "lib").mkdir()
-        shutil.copy2(fx.lib, host_dir / "lib" / fx.lib.name)
-        yield c
-    finally:
-        for t in c.targets:
-            t.kill()
-        # Each target was alone in its mount namespace: killing it took its
-        # mounts with it.  Anything still running from here was started by us.
-        stray = c.leftovers()
-        for pid in stray:
-            os.kill(pid, signal.SIGKILL)
-        host_mounts = [m for m in _mounts() if m == str(host_dir) or m.startswith(str(host_dir) + "/")
-                       or m == str(c.host(DEBUG_DIR))]
-        shutil.rmtree(host_dir, ignore_errors=True)
-        assert not stray, f"processes left running from {host_dir}: {stray}"
-        assert not host_mounts, f"mounts leaked into the host's namespace: {host_mounts}"
 
 
 def loader_build_id(root: Path) -> bytes:

@@ -53,8 +53,9 @@ def _backend(view: TargetView, arch: str, options: Options):  # type: ignore[no-
     if interp.symbol(b"_rtld_global") is not None:
         from ldfix.loaders.glibc import GlibcBackend
         return GlibcBackend(view, arch, options.debug_dirs)
-    if interp.symbol(b"_dl_debug_addr") is not None or b"musl" in os.path.basename(interp.path):
-        raise UnsupportedTarget(f"pid {view.proc.pid}: musl targets are not supported yet", pid=view.proc.pid)
+    if interp.symbol(b"_dl_debug_addr") is not None:
+        from ldfix.loaders.musl import MuslBackend
+        return MuslBackend(view, arch, options.debug_dirs)
     raise UnsupportedTarget(f"pid {view.proc.pid}: unknown dynamic loader "
                             f"{interp.path.decode(errors='backslashreplace')}", pid=view.proc.pid)
 

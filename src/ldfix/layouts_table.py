@@ -70,11 +70,13 @@ class RtldRow:
 RTLD_ROWS: tuple[RtldRow, ...] = (
     RtldRow(17, 31, "x86_64", 144, 104, 2304, 2312),
     RtldRow(32, 34, "x86_64", 152, 112, 2432, 2440),
-    RtldRow(35, 41, "x86_64", 160, 112, 2560, 2568),
+    # 2.35+: the r_next chain is authoritative, and stable branches (2.41-12
+    # Debian) moved _ns_debug out: never read it from the table there.
+    RtldRow(35, 41, "x86_64", 160, None, 2560, 2568),
     RtldRow(42, 99, "x86_64", 112, None, 1792, 1800),
     RtldRow(17, 31, "aarch64", 152, 112, 2432, 2440),
     RtldRow(32, 34, "aarch64", 160, 120, 2560, 2568),
-    RtldRow(35, 41, "aarch64", 168, 120, 2688, 2696),
+    RtldRow(35, 41, "aarch64", 168, None, 2688, 2696),
     RtldRow(42, 99, "aarch64", 120, None, 1920, 1928),
 )
 
