@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -269,3 +270,41 @@ def test_dlmopen_namespace_is_listed(box: Chroot) -> None:
     assert f"namespace {opened.lmid}:" in table
     doc = json.loads(run_ldfix("dump", "--json", str(t.pid)).stdout)
     assert {o["namespace"] for o in doc["objects"] if o["name"] == lib} == {0, opened.lmid}
+
+
+@pytest.mark.parametrize("hide_debug", [False, True], ids=["dwarf", "no-dwarf"])
+def test_fix_241_new_inode(box: Chroot, hide_debug: bool) -> None:
+    lib = box.lib()
+    alias = f"{box.inner}/alias.so"
+    os.symlink(lib, box.host(alias))
+    t, twin = box.start(hide_debug=hide_debug), box.start(hide_debug=hide_debug)
+    first, twin_first = t.open(lib), twin.open(lib)
+    replace_with_copy(box.host(lib))
+    second = twin.open(alias)  # without ldfix: a second copy, observed
+    assert second.handle != twin_first.handle and second.ctors == 2
+    rep = ldfix.fix(t.pid)
+    assert rep.loader is not None and rep.loader.version == VERSION
+    assert rep.loader.layout_source == ("structure+table" if hide_debug else "dwarf")
+    assert [r.name.decode() for r in rep.rewritten] == [lib]
+    again = t.open(alias)
+    assert again.handle == first.handle and again.state == first.state and again.ctors == 1
+
+
+def test_fix_241_fresh_tmpfs(box: Chroot) -> None:
+    t, twin = box.start(tmpfs_libdir="mnt"), box.start(tmpfs_libdir="mnt")
+    lib = box.lib("mnt")
+    host_dir = box.host_dir / "mnt"
+    first, twin_first = t.open(lib), twin.open(lib)
+    for p in (t.pid, twin.pid):
+        remount_fresh_tmpfs(p, host_dir, [box.fx.lib])
+        subprocess.run(["nsenter", "-t", str(p), "-m", "ln", "-s", box.fx.lib.name,
+                        str(host_dir / "alias.so")], check=True)
+    alias = f"{box.inner}/mnt/alias.so"
+    assert twin.open(alias).handle != twin_first.handle
+    res = run_ldfix("fix", "--json", str(t.pid))
+    assert res.returncode == 0, res.stderr
+    (proc,) = json.loads(res.stdout)["processes"]
+    assert [r["name"] for r in proc["rewritten"]] == [lib]
+    assert proc["rewritten"][0]["new"]["dev"] != proc["rewritten"][0]["old"]["dev"]
+    again = t.open(alias)
+    assert again.handle == first.handle and again.ctors == 1
