@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import shutil
-import signal
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 import ldfix
-from helpers import DEBUG_DIR, Chroot, Fixtures, Target, ldfix as run_ldfix, remount_fresh_tmpfs, replace_with_copy
+from helpers import DEBUG_DIR, Chroot, ldfix as run_ldfix, remount_fresh_tmpfs, replace_with_copy
 from ldfix import layouts_table as table
 from ldfix.elf import ElfFile
 from ldfix.layout import dwarf_glibc_layout, layout_from_row

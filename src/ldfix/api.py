@@ -11,7 +11,7 @@ from ldfix.errors import CorruptTarget, LdfixError, NoSuchProcess, UnsupportedTa
 from ldfix.identity import RootView
 from ldfix.layout import DEFAULT_DEBUG_DIRS
 from ldfix.loaders.base import Analysis
-from ldfix.memory import Memory, ProcessMemory
+from ldfix.memory import ProcessMemory
 from ldfix.model import Inspection
 from ldfix.procfs import Process, arch_name, check_target
 from ldfix.target import TargetView, open_target
