@@ -8,8 +8,26 @@ import subprocess
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from distutils.command.build_scripts import build_scripts  # setuptools provides distutils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cc() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise SystemExit("ldfix: a C compiler (cc) is needed to build ldfix")
+    return cc
+
+
+class BuildHook(build_scripts):
+    """ldfix-criu-hook is a small C program, not a Python script: CRIU runs it
+    at every stage, and the stages it ignores must not start an interpreter."""
+
+    def run(self) -> None:
+        os.makedirs(self.build_dir, exist_ok=True)
+        subprocess.check_call([_cc(), "-O2", "-Wall", "-o", os.path.join(self.build_dir, "ldfix-criu-hook"),
+                               os.path.join(HERE, "csrc", "criu_hook.c")])
 
 
 class BuildWithFixtures(build_py):
@@ -17,9 +35,7 @@ class BuildWithFixtures(build_py):
         super().run()
         out = os.path.join(self.build_lib, "ldfix", "_fixtures")
         os.makedirs(out, exist_ok=True)
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if not cc:
-            raise SystemExit("ldfix: a C compiler (cc) is needed to build the fixture programs")
+        cc = _cc()
         src = os.path.join(HERE, "csrc", "fixtures")
         subprocess.check_call([cc, "-O2", "-Wall", "-rdynamic", "-o",
                                os.path.join(out, "ldfix-target"),
@@ -34,5 +50,8 @@ class BuildWithFixtures(build_py):
 
 setup(
     cffi_modules=["src/ldfix/_build_native.py:ffibuilder"],
-    cmdclass={"build_py": BuildWithFixtures},
+    cmdclass={"build_py": BuildWithFixtures, "build_scripts": BuildHook},
+    # Listed so that setuptools installs the scripts directory; BuildHook
+    # compiles it into ldfix-criu-hook instead of copying it.
+    scripts=["csrc/criu_hook.c"],
 )

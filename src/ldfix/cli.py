@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="show what would be written (address, old id, new id, path); write nothing")
 
     sub.add_parser("demo", help="show the bug and the repair on a real process (simulated restore)")
+    sub.add_parser("criu-hook", help="CRIU action script (what ldfix-criu-hook runs at the acting stage)")
     return p
 
 
@@ -126,6 +127,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_criu_hook(args: argparse.Namespace) -> int:
+    from ldfix.criu import run_hook
+
+    return run_hook()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
@@ -135,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="ldfix: %(name)s: %(message)s")
     handler = {"dump": cmd_dump, "fix": cmd_fix, "check": lambda a: cmd_fix(a, check_only=True),
-               "demo": cmd_demo}[args.command]
+               "demo": cmd_demo, "criu-hook": cmd_criu_hook}[args.command]
     try:
         return handler(args)
     except LdfixError as exc:
