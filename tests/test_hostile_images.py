@@ -23,10 +23,27 @@ from hypothesis import strategies as st
 from ldfix import elf
 from ldfix import layouts_table as table
 from ldfix.errors import CorruptTarget, LdfixError, MemoryFault
-from ldfix.identity import FileFacts, FileProblem, ImageFacts, file_facts, image_facts, same_content
+from ldfix.identity import (
+    FileFacts,
+    FileProblem,
+    ImageFacts,
+    file_facts,
+    image_facts,
+    same_content,
+)
 from ldfix.layout import GlibcLayout, structure_scan
-from ldfix.loaders.glibc import (MAX_NAMESPACES, MAX_OBJECTS, NAME_LIMIT, WINDOW, GlibcBackend, RawMap,
-                                 _read_names, find_namespaces, read_r_debug, walk_chain)
+from ldfix.loaders.glibc import (
+    MAX_NAMESPACES,
+    MAX_OBJECTS,
+    NAME_LIMIT,
+    WINDOW,
+    GlibcBackend,
+    RawMap,
+    _read_names,
+    find_namespaces,
+    read_r_debug,
+    walk_chain,
+)
 from ldfix.memory import MAX_READ, ImageMemory, ProcessMemory, read
 from ldfix.model import FileId, Inspection, Status
 from ldfix.procfs import Mapping
@@ -317,7 +334,7 @@ def test_name_running_into_unmapped_memory_is_not_taken_as_complete() -> None:
                          ids=["null", "unmapped", "cut-short", "x86_64-kernel", "aarch64-kernel",
                               "top-of-space", "2**56"])
 def test_r_debug_unmapped_is_a_memory_fault(where: int) -> None:
-    segs, addrs = chain(2)
+    segs, _ = chain(2)
     mem = Image([(R_DEBUG, bytearray(4096)), *segs])
     with bounded():
         with pytest.raises(MemoryFault):
@@ -332,7 +349,7 @@ def test_r_debug_with_garbage_r_map(r_map: int) -> None:
     segs, _ = chain(2)
     mem = Image([(R_DEBUG, r_debug(version=1, r_map=r_map)), *segs])
     with bounded():
-        heads, warnings = find_namespaces(mem, R_DEBUG, None, None)
+        heads, _warnings = find_namespaces(mem, R_DEBUG, None, None)
         assert heads == [(0, R_DEBUG, r_map)]
         maps, problem = walk_chain(mem, r_map, MAX_OBJECTS, 0)
     assert maps == [] and problem is not None
@@ -512,7 +529,7 @@ IMG = 0x5000_0000  # where crafted ELF images are mapped
 
 def note(*, name: bytes = b"GNU\0", desc: bytes = b"", ntype: int = elf.NT_GNU_BUILD_ID,
          namesz: int | None = None, descsz: int | None = None) -> bytes:
-    pad = lambda b: b + b"\0" * (-len(b) % 4)  # noqa: E731
+    pad = lambda b: b + b"\0" * (-len(b) % 4)
     return (struct.pack("<III", len(name) if namesz is None else namesz,
                         len(desc) if descsz is None else descsz, ntype) + pad(name) + pad(desc))
 
