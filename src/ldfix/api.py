@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,9 @@ from ldfix.memory import ProcessMemory
 from ldfix.model import Inspection
 from ldfix.procfs import Process, arch_name, check_target
 from ldfix.target import TargetView, open_target
+
+
+INSPECT_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -98,5 +102,13 @@ def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
 def inspect(pid: int, *, debug_dirs: Sequence[str] | None = None) -> Inspection:
     """Every loaded object of process `pid`, with stored and current ids and a status."""
     options = Options(debug_dirs=tuple(debug_dirs)) if debug_dirs is not None else None
-    with open_session(pid, options) as s:
-        return s.inspection
+    delay = 0.001
+    for _ in range(INSPECT_ATTEMPTS):
+        with open_session(pid, options) as s:
+            ins = s.inspection
+        if not ins.busy:
+            break
+        # Read while a dlopen/dlclose ran: the lists may have looked torn.
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return ins

@@ -91,6 +91,7 @@ class Inspection:
     objects: list[LoadedObject]
     partial: bool = False
     warnings: list[str] = field(default_factory=list)
+    busy: str | None = None  # the loader was mid-change when the layout failed to verify
 
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in Status}

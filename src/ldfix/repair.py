@@ -62,6 +62,8 @@ class FixReport:
 
 def _plan(session: Session) -> tuple[list[Rewrite], list[Skipped]]:
     ins = session.inspection
+    if ins.busy and (ins.loader.layout_source is None or ins.partial):
+        raise LoaderBusy(f"pid {ins.pid}: the loader is mid-change ({ins.busy})", pid=ins.pid)
     if ins.loader.layout_source is None:
         raise LayoutUnverified(f"pid {ins.pid}: nothing written: {ins.loader.layout_error}",
                                pid=ins.pid)
@@ -137,18 +139,24 @@ def fix(pid: int, dry_run: bool = False, *, options: Options | None = None,
     pause_ns = 0
     delay = BACKOFF_START
     why = ""
+    saw_busy = False
     while report.attempts < max_attempts:
         with open_session(pid, options) as session:
             report.pid = session.proc.pid
             report.loader = session.inspection.loader
             try:
                 plan, report.skipped = _plan(session)
-            except (LayoutUnverified, CorruptTarget) as exc:
+            except (LayoutUnverified, CorruptTarget, LoaderBusy) as exc:
                 # A load or unload racing with the (unfrozen) planning reads can
-                # make the lists look inconsistent: look again a few times; a
-                # real inconsistency persists and is reported.
+                # make the lists look inconsistent: look again; a real
+                # inconsistency persists and is reported as what it is.
                 report.attempts += 1
-                if report.attempts >= min(max_attempts, PLAN_ATTEMPTS):
+                saw_busy = saw_busy or isinstance(exc, LoaderBusy)
+                if report.attempts >= max_attempts or \
+                        (not isinstance(exc, LoaderBusy) and report.attempts >= PLAN_ATTEMPTS):
+                    if saw_busy and not isinstance(exc, LoaderBusy):
+                        raise LoaderBusy(f"pid {pid}: nothing written after {report.attempts} attempt(s): "
+                                         f"the loader was changing while planning ({exc})", pid=pid) from None
                     raise
                 why = str(exc)
                 time.sleep(delay)

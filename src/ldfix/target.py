@@ -7,6 +7,7 @@ is mapped, whatever the target's mount namespace shows today."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
@@ -62,9 +63,10 @@ class TargetView:
     interp: Interpreter | None
 
     def mapping_at(self, addr: int) -> Mapping | None:
-        for m in self.maps:
-            if m.start <= addr < m.end:
-                return m
+        """The mapping holding addr (maps are sorted by start, as the kernel lists them)."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self.maps[i].end:
+            return self.maps[i]
         return None
 
     def file_start(self, addr: int) -> int | None:
@@ -72,7 +74,15 @@ class TargetView:
         m = self.mapping_at(addr)
         if m is None or not m.ino:
             return None
-        return min(x.start for x in self.maps if x.ino == m.ino and x.dev == m.dev)
+        return self._file_starts.get((m.dev, m.ino))
+
+    def __post_init__(self) -> None:
+        self.maps.sort(key=lambda m: m.start)
+        self._starts = [m.start for m in self.maps]
+        self._file_starts: dict[tuple[int, int], int] = {}
+        for m in self.maps:
+            if m.ino:
+                self._file_starts.setdefault((m.dev, m.ino), m.start)
 
     def close(self) -> None:
         if self.interp:

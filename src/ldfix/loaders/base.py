@@ -29,19 +29,24 @@ class Analysis:
 
     def busy(self, mem: Memory) -> str | None:
         """Why the loader is in the middle of a change, or None."""
-        if not self.busy_fields:
-            return None
-        regions = [(b.address, b.size) for b in self.busy_fields]
-        regions += [(b.address + b.owner_offset, 4) for b in self.busy_fields if b.owner_offset is not None]
-        data = mem.read_many(regions)
-        extra = iter(data[len(self.busy_fields):])
-        for b, raw in zip(self.busy_fields, data):
-            owner = next(extra) if b.owner_offset is not None else b""
-            if len(raw) != b.size:
-                return f"{b.label} at 0x{b.address:x} unreadable"
-            value = int.from_bytes(raw, "little")
-            if value:
-                if owner:
-                    return f"{b.label} held (by thread {int.from_bytes(owner, 'little')})"
-                return f"{b.label} is {value} (a load or unload is in progress)"
+        return busy_reason(mem, self.busy_fields)
+
+
+def busy_reason(mem: Memory, fields: list[BusyField]) -> str | None:
+    """Why the loader is in the middle of a change (one of `fields` is set), or None."""
+    if not fields:
         return None
+    regions = [(b.address, b.size) for b in fields]
+    regions += [(b.address + b.owner_offset, 4) for b in fields if b.owner_offset is not None]
+    data = mem.read_many(regions)
+    extra = iter(data[len(fields):])
+    for b, raw in zip(fields, data):
+        owner = next(extra) if b.owner_offset is not None else b""
+        if len(raw) != b.size:
+            return f"{b.label} at 0x{b.address:x} unreadable"
+        value = int.from_bytes(raw, "little")
+        if value:
+            if owner:
+                return f"{b.label} held (by thread {int.from_bytes(owner, 'little')})"
+            return f"{b.label} is {value} (a load or unload is in progress)"
+    return None

@@ -31,7 +31,9 @@ def classify(mem: Memory, root: RootView, objects: list[LoadedObject],
             continue
         facts: FileFacts | None = None
         problem = ""
-        if o.address not in unnamed:
+        if o.name.endswith(TRUNCATED):
+            problem = "the recorded name is unreadable or too long"
+        elif o.address not in unnamed:
             try:
                 facts = root.facts(o.name)
                 o.current = facts.id
@@ -60,6 +62,7 @@ def classify(mem: Memory, root: RootView, objects: list[LoadedObject],
 
 NAME_LIMIT = 4096
 NAME_FIRST = 256
+TRUNCATED = b"...(truncated)"  # marks a name that was not read whole: never resolved
 
 
 def read_names(mem: Memory, pointers: list[tuple[int, int]]) -> dict[int, bytes]:
@@ -85,5 +88,5 @@ def read_names(mem: Memory, pointers: list[tuple[int, int]]) -> dict[int, bytes]
             name, complete = read_cstring(mem, p, NAME_LIMIT)
         except LdfixError:
             name, complete = raw, False
-        out[addr] = name if complete else name[:NAME_LIMIT] + b"...(truncated)"
+        out[addr] = name if complete else name[:NAME_LIMIT] + TRUNCATED
     return out

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ldfix import layouts_table as table
-from ldfix.identity import FileFacts, FileProblem, RootView, image_facts, same_content
+from ldfix.identity import RootView
 from ldfix.layout import (GlibcLayout, debug_file_candidates, dwarf_glibc_layout,
                           layout_from_row, structure_scan, with_source)
-from ldfix.loaders.base import Analysis, BusyField
+from ldfix.loaders.base import Analysis, BusyField, busy_reason
+from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, read_names
 from ldfix.memory import Memory, read
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
@@ -26,7 +27,6 @@ log = logging.getLogger("ldfix.glibc")
 WINDOW = 1216          # bytes read of every link_map: the public prefix and every private field used
 MAX_OBJECTS = 16384    # per process, over all namespaces
 MAX_NAMESPACES = 16    # DL_NNS
-NAME_LIMIT = 4096
 # Above every user-space address (x86_64 with 5-level paging: 2**56; aarch64:
 # 2**48, or 2**52), below every kernel one.  Not 2**47: aarch64 maps ld.so,
 # and so the link_maps it allocates, at 0xffff........
@@ -245,7 +245,7 @@ class GlibcBackend:
         heads, warns = find_namespaces(mem, view.r_debug, self.rtld_global, pre)
         self.warnings += warns
         lists: list[NamespaceList] = []
-        partial = False
+        partial = any("cut" in w for w in warns)  # namespaces may be missing
         budget = MAX_OBJECTS
         for pos, (hint, dbg, head) in enumerate(heads):
             maps, problem = walk_chain(mem, head, budget, pos)
@@ -291,6 +291,7 @@ class GlibcBackend:
         ordinary = [m for m in all_maps if roles[m.addr] in ("main", "library")]
         layout, why = self.decide_layout(root, ordinary)
         busy: list[BusyField] = []
+        candidate = layout or pre
         if layout is None:
             info.layout_error = why
         else:
@@ -305,7 +306,16 @@ class GlibcBackend:
             by_addr = {m.addr: m for m in all_maps}
             for o in objects:
                 o.namespace = by_addr[o.address].word(layout.l_ns)
-            self._classify(layout, objects, by_addr, root, unnamed)
+            slots = {}
+            for o in objects:
+                m = by_addr[o.address]
+                if layout.l_map_start is not None and layout.l_map_end is not None:
+                    o.map_start, o.map_end = m.word(layout.l_map_start), m.word(layout.l_map_end)
+                removed = layout.l_removed is not None and \
+                    bool(m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1)
+                slots[o.address] = IdSlot(FileId.unpack(m.raw[layout.file_id:layout.file_id + 16]),
+                                          o.address + layout.file_id, removed)
+            classify(mem, root, objects, slots, unnamed)
             busy = self._busy_fields(layout, lists)
             info.lock_check = "r_state and _dl_load_lock" if any(b.owner_offset is not None for b in busy) \
                 else "r_state only"
@@ -313,6 +323,12 @@ class GlibcBackend:
             for o in objects:
                 o.status, o.reason = Status.UNKNOWN, "id layout not verified"
         inspection = Inspection(pid, info, objects, partial=partial, warnings=self.warnings)
+        if layout is None or partial:
+            # Unverified or cut lists are expected while a dlopen/dlclose runs
+            # (the reads above are not atomic): say so, so callers retry.
+            fields = self._busy_fields(candidate, lists) if candidate else \
+                [BusyField(lst.r_debug + 24, 4, f"r_state of list {i}") for i, lst in enumerate(lists) if lst.r_debug]
+            inspection.busy = busy_reason(mem, fields)
         return Analysis(inspection, busy, members=lambda m: self.members(m, pre))
 
     def members(self, mem: Memory, pre: GlibcLayout | None) -> set[int]:
@@ -380,46 +396,6 @@ class GlibcBackend:
                     problems.append(f"link_map 0x{m.addr:x}: l_phnum does not match the mapped ELF header")
         return problems
 
-    def _classify(self, layout: GlibcLayout, objects: list[LoadedObject],
-                  by_addr: dict[int, RawMap], root: RootView, unnamed: set[int]) -> None:
-        pending: list[tuple[LoadedObject, FileFacts]] = []
-        for o in objects:
-            m = by_addr[o.address]
-            o.stored = FileId.unpack(m.raw[layout.file_id:layout.file_id + 16])
-            o.id_address = o.address + layout.file_id
-            if layout.l_map_start is not None and layout.l_map_end is not None:
-                o.map_start, o.map_end = m.word(layout.l_map_start), m.word(layout.l_map_end)
-            if o.role == "vdso":
-                o.status, o.reason, o.stored, o.id_address = Status.VIRTUAL, "no file behind it (vdso)", None, None
-                continue
-            facts: FileFacts | None = None
-            problem = ""
-            if o.address not in unnamed:
-                try:
-                    facts = root.facts(o.name)
-                    o.current = facts.id
-                except FileProblem as exc:
-                    problem = exc.reason
-            if o.stored.is_zero:
-                o.status, o.reason = Status.UNSET, f"the loader stored no id ({o.role})"
-            elif layout.l_removed is not None and m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1:
-                o.status, o.reason = Status.UNSET, "being removed (l_removed)"
-            elif facts is None:
-                o.status, o.reason = Status.MISSING, problem
-            elif facts.id == o.stored:
-                o.status, o.reason = Status.OK, "stored id equals the file's"
-            else:
-                pending.append((o, facts))
-        if not pending:
-            return
-        imgs = image_facts(self.view.mem, [(o.base, o.map_start or 0) for o, _ in pending])
-        for (o, facts), img in zip(pending, imgs):
-            same, how = same_content(img, facts)
-            if same:
-                o.status, o.reason, o.writable = Status.STALE, f"new id, {how}", o.role == "library"
-            else:
-                o.status, o.reason = Status.CHANGED, how
-
     def _busy_fields(self, layout: GlibcLayout, lists: list[NamespaceList]) -> list[BusyField]:
         out = []
         for lst in lists:
@@ -439,22 +415,5 @@ def _open_host(path: str) -> int | None:
 
 
 def _read_names(mem: Memory, maps: list[RawMap]) -> dict[int, bytes]:
-    """l_name of every map: one batched read, then longer reads for the few long names."""
-    out: dict[int, bytes] = {}
-    ptrs = [(m.addr, m.l_name) for m in maps]
-    first = mem.read_many([(p, 256) if p else (0, 0) for _, p in ptrs])
-    for (addr, p), raw in zip(ptrs, first):
-        if not p:
-            out[addr] = b""
-            continue
-        nul = raw.find(b"\0")
-        if nul >= 0:
-            out[addr] = raw[:nul]
-            continue
-        from ldfix.memory import read_cstring
-        try:
-            name, complete = read_cstring(mem, p, NAME_LIMIT)
-        except Exception:
-            name, complete = raw, False
-        out[addr] = name if complete else name[:NAME_LIMIT] + b"...(truncated)"
-    return out
+    """l_name of every map (see common.read_names)."""
+    return read_names(mem, [(m.addr, m.l_name) for m in maps])
