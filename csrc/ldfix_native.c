@@ -238,3 +238,79 @@ int ldfix_kcmp_vm(int pid1, int pid2)
     long r = syscall(SYS_kcmp, pid1, pid2, 1 /* KCMP_VM */, 0, 0);
     return r < 0 ? -errno : (int)r;
 }
+
+/* Visited-node set for ldfix_walk: open addressing over a power-of-two table. */
+static int seen_insert(uint64_t *table, size_t mask, uint64_t addr)
+{
+    size_t i = (size_t)((addr >> 3) * 0x9E3779B97F4A7C15ULL) & mask;
+
+    while (table[i]) {
+        if (table[i] == addr)
+            return 0;
+        i = (i + 1) & mask;
+    }
+    table[i] = addr;
+    return 1;
+}
+
+int ldfix_walk(int pid, int memfd, uint64_t head, uint32_t next_off,
+               uint32_t prev_off, uint32_t read_size, uint32_t min_size,
+               uint64_t user_top, size_t max, unsigned char *buf,
+               uint64_t *addrs, uint32_t *lens, int *stop)
+{
+    size_t n = 0, cap = 64, mask;
+    uint64_t *seen, prev = 0, addr = head;
+    int ret = 0;
+
+    while (cap < 2 * max + 2)
+        cap <<= 1;
+    mask = cap - 1;
+    seen = calloc(cap, sizeof *seen);
+    if (!seen)
+        return -ENOMEM;
+    *stop = LDFIX_WALK_END;
+    while (addr) {
+        int64_t done = 0;
+        uint64_t next, back;
+        unsigned char *node;
+
+        if (n >= max) {
+            *stop = LDFIX_WALK_BUDGET;
+            break;
+        }
+        if (addr % 8 || addr >= user_top) {
+            *stop = LDFIX_WALK_BAD_POINTER;
+            break;
+        }
+        if (!seen_insert(seen, mask, addr)) {
+            *stop = LDFIX_WALK_CYCLE;
+            break;
+        }
+        node = buf + n * (size_t)read_size;
+        {
+            uint64_t len = read_size;
+            ret = vm_access(pid, memfd, 0, 1, &addr, &len, node, &done);
+        }
+        if (ret < 0)
+            break;
+        if (done < (int64_t)min_size || done < (int64_t)next_off + 8 || done < (int64_t)prev_off + 8) {
+            *stop = LDFIX_WALK_UNREADABLE;
+            break;
+        }
+        memcpy(&back, node + prev_off, 8);
+        if (back != prev) {
+            *stop = LDFIX_WALK_PREV_MISMATCH;
+            break;
+        }
+        memcpy(&next, node + next_off, 8);
+        addrs[n] = addr;
+        lens[n] = (uint32_t)done;
+        n++;
+        prev = addr;
+        addr = next;
+    }
+    if (*stop != LDFIX_WALK_END || ret < 0)
+        addrs[n] = addr;  /* where it stopped, for the message */
+    free(seen);
+    return ret < 0 ? ret : (int)n;
+}

@@ -47,4 +47,22 @@ int ldfix_tgkill(int tgid, int tid, int sig);
  * not, -errno on error. */
 int ldfix_kcmp_vm(int pid1, int pid2);
 
+/* Walks a doubly linked list in process pid: at each node reads read_size
+ * bytes into buf (node i at i * read_size), records its address in addrs[i]
+ * and the bytes read in lens[i], requires the 8-byte pointer at prev_off to
+ * name the previous node (0 for the head), and follows the one at next_off.
+ * Stops at a NULL next, after max nodes, at a node seen before, at a
+ * misaligned pointer or one >= user_top, at a node with fewer than min_size
+ * readable bytes, or at a prev mismatch; *stop says which (LDFIX_WALK_*), and
+ * addrs[count] holds the address it stopped at (addrs has max + 1 slots).
+ * Returns the number of nodes or -errno. */
+enum {
+    LDFIX_WALK_END, LDFIX_WALK_BUDGET, LDFIX_WALK_CYCLE, LDFIX_WALK_BAD_POINTER,
+    LDFIX_WALK_UNREADABLE, LDFIX_WALK_PREV_MISMATCH
+};
+int ldfix_walk(int pid, int memfd, uint64_t head, uint32_t next_off,
+               uint32_t prev_off, uint32_t read_size, uint32_t min_size,
+               uint64_t user_top, size_t max, unsigned char *buf,
+               uint64_t *addrs, uint32_t *lens, int *stop);
+
 #endif

@@ -848,6 +848,9 @@ class FakeRoot:
             raise FileProblem("no such file in the process's root", missing=True)
         return self._facts(name)
 
+    def current_id(self, name: bytes) -> FileId:
+        return self.facts(name).id
+
     def open_file(self, path: str) -> int | None:
         return None
 

@@ -25,6 +25,10 @@ ffibuilder.cdef(
     int ldfix_waitpid(int tid, int *status, int options);
     int ldfix_tgkill(int tgid, int tid, int sig);
     int ldfix_kcmp_vm(int pid1, int pid2);
+    int ldfix_walk(int pid, int memfd, uint64_t head, uint32_t next_off,
+                   uint32_t prev_off, uint32_t read_size, uint32_t min_size,
+                   uint64_t user_top, size_t max, unsigned char *buf,
+                   uint64_t *addrs, uint32_t *lens, int *stop);
     """
 )
 ffibuilder.set_source(

@@ -59,12 +59,8 @@ def parse_ehdr(data: bytes) -> Ehdr:
 def parse_phdrs(data: bytes, count: int) -> list[Phdr]:
     if count > MAX_PHNUM or len(data) < count * PHDR_SIZE:
         raise CorruptTarget(f"program headers: {count} entries do not fit")
-    out = []
-    for i in range(count):
-        p_type, p_flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz, _align = \
-            struct.unpack_from("<IIQQQQQQ", data, i * PHDR_SIZE)
-        out.append(Phdr(p_type, p_flags, p_offset, p_vaddr, p_filesz, p_memsz))
-    return out
+    return [Phdr(t, f, o, v, fs, ms) for t, f, o, v, _pa, fs, ms, _al in
+            struct.iter_unpack("<IIQQQQQQ", data[:count * PHDR_SIZE])]
 
 
 def parse_dynamic(data: bytes) -> list[tuple[int, int]]:

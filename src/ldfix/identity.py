@@ -90,16 +90,28 @@ class RootView:
         finally:
             os.close(pfd)
 
-    def facts(self, name: bytes) -> FileFacts:
-        """fstat and ELF identity of `name` as the target would open it."""
+    def _open_path(self, name: bytes) -> int:
         path = self.resolve(name)
         try:
-            pfd = native.open_in_root(self.rootfd, path)
+            return native.open_in_root(self.rootfd, path)
         except OSError as exc:
             gone = exc.errno in (errno.ENOENT, errno.ENOTDIR)
             raise FileProblem("no such file in the process's root" if gone
                               else f"cannot resolve: {os.strerror(exc.errno or 0)}",
                               missing=True) from None
+
+    def current_id(self, name: bytes) -> FileId:
+        """(st_dev, st_ino) of `name` as the target would open it: only a lookup and fstat."""
+        pfd = self._open_path(name)
+        try:
+            st = os.fstat(pfd)
+        finally:
+            os.close(pfd)
+        return FileId(st.st_dev, st.st_ino)
+
+    def facts(self, name: bytes) -> FileFacts:
+        """fstat and ELF identity of `name` as the target would open it."""
+        pfd = self._open_path(name)
         try:
             st = os.fstat(pfd)
             try:

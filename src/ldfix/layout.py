@@ -10,11 +10,12 @@ independent sources agree; every report names the sources that decided."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from ldfix import layouts_table as table
 from ldfix.errors import CorruptTarget
@@ -144,6 +145,63 @@ def dwarf_glibc_layout(fd: int) -> GlibcLayout | None:
         l_type=bits("l_type"), l_removed=bits("l_removed"), l_local_scope=off(lm, "l_local_scope"),
         ns_size=ns[0] if ns else None, ns_debug=off(ns[1], "_ns_debug") if ns else None,
         nns=off(rg, "_dl_nns"), load_lock=off(rg, "_dl_load_lock"))
+
+
+# --- cache ---------------------------------------------------------------------
+# Parsing DWARF costs ~0.3 s (pyelftools' import alone ~80 ms); the result
+# depends only on the debug file, so it is kept per debug file identity in a
+# directory only ldfix's user can write.  Source stays "dwarf": it is exactly
+# what that file says.
+
+CACHE_FORMAT = 1
+
+
+def cache_dir() -> str | None:
+    env = os.environ.get("LDFIX_CACHE_DIR")
+    if env is not None:
+        return env or None
+    if os.geteuid() == 0:
+        return "/var/cache/ldfix"
+    return os.path.join(os.path.expanduser("~"), ".cache", "ldfix")
+
+
+def _trusted_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def dwarf_glibc_layout_cached(fd: int, build_id: bytes) -> GlibcLayout | None:
+    st = os.fstat(fd)
+    d = cache_dir()
+    name = f"dwarf{CACHE_FORMAT}-{build_id.hex()}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}.json"
+    path = os.path.join(d, name) if d and _trusted_dir(d) else None
+    if path:
+        try:
+            with open(path) as f:
+                fst = os.fstat(f.fileno())
+                if fst.st_uid == os.geteuid() and not fst.st_mode & 0o022:
+                    raw = json.load(f)
+                    for k in ("l_type", "l_removed"):
+                        if raw.get(k) is not None:
+                            raw[k] = tuple(raw[k])
+                    return GlibcLayout(**raw)
+        except (OSError, ValueError, TypeError):
+            pass
+    lay = dwarf_glibc_layout(fd)
+    if lay is not None and path:
+        try:
+            tmp = f"{path}.{os.getpid()}"
+            fd2 = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd2, "w") as f:
+                json.dump(asdict(lay), f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return lay
 
 
 # --- structure ---------------------------------------------------------------

@@ -176,6 +176,47 @@ class ImageMemory:
         return done
 
 
+USER_TOP = 1 << 56  # above every user address (x86_64 5-level, aarch64), below kernel space
+WALK_END, WALK_BUDGET, WALK_CYCLE, WALK_BAD_POINTER, WALK_UNREADABLE, WALK_PREV_MISMATCH = range(6)
+
+
+def walk_list(mem: Memory, head: int, next_off: int, prev_off: int, read_size: int,
+              min_size: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
+    """Follow a doubly linked list: ([(node address, bytes read)], stop reason, stop address).
+
+    Stops (WALK_*) at a NULL next, after `limit` nodes, at a node seen before,
+    at a misaligned or non-user pointer, at a node with fewer than `min_size`
+    readable bytes, or where a node's prev does not name the previous node.
+    A live process is walked by one native call (one read per node, no Python
+    per node); any other Memory by the same rules here."""
+    if isinstance(mem, ProcessMemory):
+        try:
+            return native.walk(mem.pid, mem._memfd, head, next_off, prev_off, read_size, min_size,
+                               USER_TOP, limit)
+        except OSError as exc:
+            raise from_oserror(exc, mem.pid, "walk the loader's list") from None
+    nodes: list[tuple[int, bytes]] = []
+    seen: set[int] = set()
+    need = max(min_size, next_off + 8, prev_off + 8)
+    prev, addr = 0, head
+    while addr:
+        if len(nodes) >= limit:
+            return nodes, WALK_BUDGET, addr
+        if addr % 8 or addr >= USER_TOP:
+            return nodes, WALK_BAD_POINTER, addr
+        if addr in seen:
+            return nodes, WALK_CYCLE, addr
+        seen.add(addr)
+        raw = mem.read_many([(addr, read_size)])[0]
+        if len(raw) < need:
+            return nodes, WALK_UNREADABLE, addr
+        if int.from_bytes(raw[prev_off:prev_off + 8], "little") != prev:
+            return nodes, WALK_PREV_MISMATCH, addr
+        nodes.append((addr, raw))
+        prev, addr = addr, int.from_bytes(raw[next_off:next_off + 8], "little")
+    return nodes, WALK_END, 0
+
+
 def pack_ptrs(*values: int, ptr_size: int = 8) -> bytes:
     fmt = "<" + ("Q" if ptr_size == 8 else "I") * len(values)
     return struct.pack(fmt, *values)

@@ -105,3 +105,20 @@ def tgkill(tgid: int, tid: int, sig: int) -> None:
 def kcmp_vm(pid1: int, pid2: int) -> bool:
     """True when both processes share one address space (kcmp KCMP_VM)."""
     return _check(lib.ldfix_kcmp_vm(pid1, pid2), "kcmp") == 0
+
+
+WALK_END, WALK_BUDGET, WALK_CYCLE, WALK_BAD_POINTER, WALK_UNREADABLE, WALK_PREV_MISMATCH = range(6)
+
+
+def walk(pid: int, memfd: int, head: int, next_off: int, prev_off: int, read_size: int,
+         min_size: int, user_top: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
+    """Walk a linked list in one call: ([(address, bytes)], stop reason, stop address)."""
+    buf = ffi.new("unsigned char[]", max(1, limit * read_size))
+    addrs = ffi.new("uint64_t[]", limit + 1)
+    lens = ffi.new("uint32_t[]", max(1, limit))
+    stop = ffi.new("int *")
+    n = _check(lib.ldfix_walk(pid, memfd, head, next_off, prev_off, read_size, min_size,
+                              user_top, limit, buf, addrs, lens, stop), "walk")
+    raw = ffi.buffer(buf, n * read_size)[:]
+    nodes = [(int(addrs[i]), raw[i * read_size:i * read_size + lens[i]]) for i in range(n)]
+    return nodes, int(stop[0]), int(addrs[n])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,8 +15,6 @@ from ldfix.errors import LdfixError, NoSuchProcess, UnsupportedTarget, from_oser
 AT_NULL, AT_PHDR, AT_PHENT, AT_PHNUM, AT_BASE, AT_ENTRY = 0, 3, 4, 5, 7, 9
 AT_SYSINFO_EHDR = 33
 
-_MAPS_RE = re.compile(
-    rb"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s*(.*)$")
 
 
 @dataclass(frozen=True)
@@ -38,12 +35,17 @@ class Mapping:
 def parse_maps(text: bytes) -> list[Mapping]:
     out = []
     for line in text.splitlines():
-        m = _MAPS_RE.match(line)
-        if not m:
+        parts = line.split(None, 5)
+        if len(parts) < 5:
             continue
-        start, end, perms, off, major, minor, ino, path = m.groups()
-        out.append(Mapping(int(start, 16), int(end, 16), perms.decode(), int(off, 16),
-                           os.makedev(int(major, 16), int(minor, 16)), int(ino), path))
+        try:
+            lo, _, hi = parts[0].partition(b"-")
+            major, _, minor = parts[3].partition(b":")
+            out.append(Mapping(int(lo, 16), int(hi, 16), parts[1].decode(), int(parts[2], 16),
+                               os.makedev(int(major, 16), int(minor, 16)), int(parts[4]),
+                               parts[5] if len(parts) > 5 else b""))
+        except ValueError:
+            continue
     return out
 
 

@@ -29,25 +29,34 @@ def classify(mem: Memory, root: RootView, objects: list[LoadedObject],
         if o.role == "vdso":
             o.status, o.reason, o.stored, o.id_address = Status.VIRTUAL, "no file behind it (vdso)", None, None
             continue
-        facts: FileFacts | None = None
         problem = ""
         if o.name.endswith(TRUNCATED):
             problem = "the recorded name is unreadable or too long"
         elif o.address not in unnamed:
             try:
-                facts = root.facts(o.name)
-                o.current = facts.id
+                o.current = root.current_id(o.name)
             except FileProblem as exc:
                 problem = exc.reason
         if slot.stored.is_zero:
             o.status, o.reason = Status.UNSET, f"the loader stored no id ({o.role})"
         elif slot.removed:
             o.status, o.reason = Status.UNSET, "being removed (l_removed)"
-        elif facts is None:
+        elif o.current is None:
             o.status, o.reason = Status.MISSING, problem
-        elif facts.id == slot.stored:
+        elif o.current == slot.stored:
             o.status, o.reason = Status.OK, "stored id equals the file's"
         else:
+            # Only a file with a new id is opened and read (ELF headers, build-id).
+            try:
+                facts = root.facts(o.name)
+            except FileProblem as exc:
+                o.current = None
+                o.status, o.reason = Status.MISSING, exc.reason
+                continue
+            o.current = facts.id
+            if facts.id == slot.stored:
+                o.status, o.reason = Status.OK, "stored id equals the file's"
+                continue
             pending.append((o, facts))
     if not pending:
         return

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from ldfix import layouts_table as table
 from ldfix.identity import RootView
-from ldfix.layout import (GlibcLayout, debug_file_candidates, dwarf_glibc_layout,
+from ldfix.layout import (GlibcLayout, debug_file_candidates, dwarf_glibc_layout_cached,
                           layout_from_row, structure_scan, with_source)
 from ldfix.loaders.base import Analysis, BusyField, busy_reason
 from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, read_names
-from ldfix.memory import Memory, read
+from ldfix.memory import (USER_TOP, WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE,
+                          Memory, read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
 
@@ -30,7 +31,6 @@ MAX_NAMESPACES = 16    # DL_NNS
 # Above every user-space address (x86_64 with 5-level paging: 2**56; aarch64:
 # 2**48, or 2**52), below every kernel one.  Not 2**47: aarch64 maps ld.so,
 # and so the link_maps it allocates, at 0xffff........
-USER_TOP = 1 << 56
 RT_STATES = {0: "RT_CONSISTENT", 1: "RT_ADD", 2: "RT_DELETE"}
 
 
@@ -38,39 +38,20 @@ def _u64(raw: bytes, off: int) -> int | None:
     return int.from_bytes(raw[off:off + 8], "little") if off + 8 <= len(raw) else None
 
 
-@dataclass
 class RawMap:
-    addr: int
-    raw: bytes
-    ns_position: int  # which walked list it came from
+    """One link_map as read from the target, with its public prefix decoded."""
+
+    __slots__ = ("addr", "raw", "ns_position", "l_addr", "l_name", "l_ld", "l_next", "l_prev", "l_real")
+
+    def __init__(self, addr: int, raw: bytes, ns_position: int) -> None:
+        self.addr, self.raw, self.ns_position = addr, raw, ns_position
+        head = raw[:48].ljust(48, b"\0")
+        (self.l_addr, self.l_name, self.l_ld, self.l_next, self.l_prev,
+         self.l_real) = struct.unpack_from("<6Q", head)
 
     def word(self, off: int) -> int:
         v = _u64(self.raw, off)
         return 0 if v is None else v
-
-    @property
-    def l_addr(self) -> int:
-        return self.word(table.L_ADDR)
-
-    @property
-    def l_name(self) -> int:
-        return self.word(table.L_NAME)
-
-    @property
-    def l_ld(self) -> int:
-        return self.word(table.L_LD)
-
-    @property
-    def l_next(self) -> int:
-        return self.word(table.L_NEXT)
-
-    @property
-    def l_prev(self) -> int:
-        return self.word(table.L_PREV)
-
-    @property
-    def l_real(self) -> int:
-        return self.word(table.L_REAL)
 
 
 @dataclass
@@ -83,26 +64,21 @@ class NamespaceList:
 def walk_chain(mem: Memory, head: int, budget: int, position: int,
                read_size: int = WINDOW) -> tuple[list[RawMap], str | None]:
     """Follow l_next from `head`; stops at a cycle, a bad pointer or the budget."""
-    maps: list[RawMap] = []
-    seen: set[int] = set()
-    prev, addr = 0, head
-    while addr:
-        if addr in seen:
-            return maps, f"cycle in l_next at 0x{addr:x}"
-        if len(maps) >= budget:
-            return maps, f"list longer than {MAX_OBJECTS} objects: truncated"
-        if addr % 8 or addr >= USER_TOP:
-            return maps, f"l_next points to an impossible address 0x{addr:x}"
-        raw = mem.read_many([(addr, read_size)])[0]
-        if len(raw) < 56:
-            return maps, f"link_map at 0x{addr:x} is unreadable"
-        m = RawMap(addr, raw, position)
-        if m.l_prev != prev:
-            return maps, f"l_prev of link_map 0x{addr:x} is 0x{m.l_prev:x}, not 0x{prev:x}"
-        maps.append(m)
-        seen.add(addr)
-        prev, addr = addr, m.l_next
-    return maps, None
+    nodes, stop, at = walk_list(mem, head, table.L_NEXT, table.L_PREV, read_size, 56, budget)
+    maps = [RawMap(addr, raw, position) for addr, raw in nodes]
+    if stop == WALK_END:
+        return maps, None
+    if stop == WALK_BUDGET:
+        return maps, f"list longer than {MAX_OBJECTS} objects: truncated"
+    if stop == WALK_CYCLE:
+        return maps, f"cycle in l_next at 0x{at:x}"
+    if stop == WALK_BAD_POINTER:
+        return maps, f"l_next points to an impossible address 0x{at:x}"
+    if stop == WALK_UNREADABLE:
+        return maps, f"link_map at 0x{at:x} is unreadable"
+    prev = maps[-1].addr if maps else 0
+    got = int.from_bytes(mem.read_many([(at + table.L_PREV, 8)])[0], "little")
+    return maps, f"l_prev of link_map 0x{at:x} is 0x{got:x}, not 0x{prev:x}"
 
 
 def read_r_debug(mem: Memory, addr: int) -> tuple[int, int, int, int]:
@@ -199,7 +175,7 @@ class GlibcBackend:
                     if dbid != bid:
                         log.debug("debug file %s (%s) has another build-id", cand, where)
                         continue
-                    lay = dwarf_glibc_layout(fd)
+                    lay = dwarf_glibc_layout_cached(fd, bid)
                     if lay is not None:
                         log.debug("DWARF layout from %s (%s): l_file_id at %d", cand, where, lay.file_id)
                         return lay, f"{cand} ({where})"

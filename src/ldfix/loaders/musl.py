@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from ldfix.identity import RootView
 from ldfix.loaders.base import Analysis, BusyField
 from ldfix.loaders.common import IdSlot, classify, read_names
-from ldfix.memory import Memory, read
+from ldfix.memory import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE, Memory,
+                          read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
 
@@ -45,25 +46,14 @@ class Dso:
 
 
 def walk(mem: Memory, head: int, read_size: int = WINDOW) -> tuple[list[Dso], str | None]:
-    out: list[Dso] = []
-    seen: set[int] = set()
-    prev, addr = 0, head
-    while addr:
-        if addr in seen:
-            return out, f"cycle in the dso list at 0x{addr:x}"
-        if len(out) >= MAX_OBJECTS:
-            return out, f"list longer than {MAX_OBJECTS} objects: truncated"
-        if addr % 8 or addr >= 1 << 47:
-            return out, f"next points to an impossible address 0x{addr:x}"
-        raw = mem.read_many([(addr, read_size)])[0]
-        if len(raw) < 56:
-            return out, f"dso at 0x{addr:x} is unreadable"
-        if _w(raw, PREV) != prev:
-            return out, f"prev of dso 0x{addr:x} does not point back"
-        out.append(Dso(addr, raw))
-        seen.add(addr)
-        prev, addr = addr, _w(raw, NEXT)
-    return out, None
+    nodes, stop, at = walk_list(mem, head, NEXT, PREV, read_size, 56, MAX_OBJECTS)
+    out = [Dso(addr, raw) for addr, raw in nodes]
+    problem = {WALK_END: None,
+               WALK_BUDGET: f"list longer than {MAX_OBJECTS} objects: truncated",
+               WALK_CYCLE: f"cycle in the dso list at 0x{at:x}",
+               WALK_BAD_POINTER: f"next points to an impossible address 0x{at:x}",
+               WALK_UNREADABLE: f"dso at 0x{at:x} is unreadable"}.get(stop, f"prev of dso 0x{at:x} does not point back")
+    return out, problem
 
 
 def structure_map_offset(dsos: Sequence[Dso], starts: dict[int, int]) -> int | None:
