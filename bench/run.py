@@ -75,7 +75,6 @@ class Libs:
 
     dir: Path
     n: int
-    flip: int = 0
 
     @classmethod
     def make(cls, base: Path, lib: Path, n: int) -> Libs:
@@ -94,10 +93,11 @@ class Libs:
 
     def restale(self) -> None:
         """Every slot now names the other twin: a new inode, the same bytes."""
-        self.flip ^= 1
-        twin = "b" if self.flip else "a"
+        on_a = os.stat(self.dir / "slot0.so").st_ino == os.stat(self.dir / "a0.so").st_ino
+        twin = "b" if on_a else "a"
         for i in range(self.n):
             tmp = self.dir / f"tmp{i}.so"
+            tmp.unlink(missing_ok=True)
             os.link(self.dir / f"{twin}{i}.so", tmp)
             os.rename(tmp, self.dir / f"slot{i}.so")
 

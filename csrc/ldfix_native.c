@@ -314,3 +314,130 @@ int ldfix_walk(int pid, int memfd, uint64_t head, uint32_t next_off,
     free(seen);
     return ret < 0 ? ret : (int)n;
 }
+
+int ldfix_swap16(int pid, int memfd, size_t n, const uint64_t *addrs,
+                 const unsigned char *old, const unsigned char *new_,
+                 unsigned char *scratch, int64_t *done)
+{
+    uint64_t *lens;
+    size_t i;
+    int ret;
+
+    lens = malloc((n ? n : 1) * sizeof *lens);
+    if (!lens)
+        return -ENOMEM;
+    for (i = 0; i < n; i++)
+        lens[i] = 16;
+    /* 1. every id must still hold its old value */
+    ret = vm_access(pid, memfd, 0, n, addrs, lens, scratch, done);
+    if (ret < 0)
+        goto out;
+    for (i = 0; i < n; i++) {
+        if (done[i] != 16 || memcmp(scratch + 16 * i, old + 16 * i, 16) != 0) {
+            ret = LDFIX_SWAP_CHANGED_BASE + (int)i;
+            goto out;
+        }
+    }
+    /* 2. write all, 3. read back */
+    ret = vm_access(pid, memfd, 1, n, addrs, lens, (unsigned char *)new_, done);
+    if (ret < 0)
+        goto out;
+    for (i = 0; i < n; i++) {
+        if (done[i] != 16) {
+            ret = LDFIX_SWAP_UNWRITTEN_BASE + (int)i;
+            goto out;
+        }
+    }
+    ret = vm_access(pid, memfd, 0, n, addrs, lens, scratch, done);
+    if (ret < 0)
+        goto out;
+    for (i = 0; i < n; i++) {
+        if (done[i] != 16 || memcmp(scratch + 16 * i, new_ + 16 * i, 16) != 0) {
+            ret = LDFIX_SWAP_UNWRITTEN_BASE + (int)i;
+            goto out;
+        }
+    }
+    ret = 0;
+out:
+    free(lens);
+    return ret;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int ldfix_relink(int pid, int memfd, size_t nheads, const uint64_t *heads,
+                 size_t nknown, const uint64_t *known, uint32_t next_off,
+                 uint32_t prev_off, size_t limit, unsigned char *reached,
+                 uint64_t *left_at, uint64_t *left_prev)
+{
+    uint32_t lo = next_off < prev_off ? next_off : prev_off;
+    uint32_t span = (next_off > prev_off ? next_off : prev_off) + 8 - lo;
+    uint64_t *addrs = NULL, *lens = NULL, *sorted = NULL;
+    unsigned char *words = NULL;
+    int64_t *done = NULL;
+    size_t *order = NULL, i, h;
+    int ret = 0, left = 0;
+
+    addrs = malloc((nknown + 1) * sizeof *addrs);
+    lens = malloc((nknown + 1) * sizeof *lens);
+    sorted = malloc((nknown + 1) * 2 * sizeof *sorted);
+    words = malloc((nknown + 1) * span);
+    done = malloc((nknown + 1) * sizeof *done);
+    order = malloc((nknown + 1) * sizeof *order);
+    if (!addrs || !lens || !sorted || !words || !done || !order) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    for (i = 0; i < nknown; i++) {
+        addrs[i] = known[i] + lo;
+        lens[i] = span;
+        reached[i] = 0;
+        sorted[2 * i] = known[i];
+        sorted[2 * i + 1] = i;
+    }
+    ret = vm_access(pid, memfd, 0, nknown, addrs, lens, words, done);
+    if (ret < 0)
+        goto out;
+    /* (address, index) pairs sorted by address, for lookups while following. */
+    qsort(sorted, nknown, 2 * sizeof *sorted, cmp_u64);
+    for (h = 0; h < nheads; h++) {
+        uint64_t prev = 0, addr = heads[h];
+        size_t steps = 0;
+        while (addr && steps < limit) {
+            uint64_t key[2] = {addr, 0}, next, back;
+            uint64_t *hit = bsearch(key, sorted, nknown, 2 * sizeof *sorted, cmp_u64);
+            size_t k;
+            if (!hit) {
+                /* A node the plan did not see: the caller walks on from here. */
+                left_at[left] = addr;
+                left_prev[left] = prev;
+                left++;
+                break;
+            }
+            k = (size_t)hit[1];
+            if (done[k] != (int64_t)span || reached[k])
+                break;
+            memcpy(&next, words + k * span + (next_off - lo), 8);
+            memcpy(&back, words + k * span + (prev_off - lo), 8);
+            if (back != prev)
+                break;
+            reached[k] = 1;
+            steps++;
+            prev = addr;
+            addr = next;
+        }
+    }
+    ret = left;
+out:
+    free(addrs);
+    free(lens);
+    free(sorted);
+    free(words);
+    free(done);
+    free(order);
+    return ret;
+}

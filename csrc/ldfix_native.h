@@ -65,4 +65,27 @@ int ldfix_walk(int pid, int memfd, uint64_t head, uint32_t next_off,
                uint64_t user_top, size_t max, unsigned char *buf,
                uint64_t *addrs, uint32_t *lens, int *stop);
 
+/* The repair's write, in one call for n 16-byte ids at addrs: checks that
+ * every id still holds old[16*i..], writes new[16*i..] to all, reads them
+ * back.  Returns 0 when all read back as written; LDFIX_SWAP_CHANGED_BASE + i
+ * when id i no longer held its old value (nothing was written);
+ * LDFIX_SWAP_UNWRITTEN_BASE + i when id i did not read back as written;
+ * -errno on error.  scratch holds 16 * n bytes. */
+#define LDFIX_SWAP_CHANGED_BASE 0x10000000
+#define LDFIX_SWAP_UNWRITTEN_BASE 0x20000000
+int ldfix_swap16(int pid, int memfd, size_t n, const uint64_t *addrs,
+                 const unsigned char *old, const unsigned char *new_,
+                 unsigned char *scratch, int64_t *done);
+
+/* Re-links lists seen before: reads the next/prev words of every known node
+ * (sorted or not) in one batch and follows each head through them, setting
+ * reached[i] for every known node reachable with a prev that names its
+ * predecessor.  Where a chain meets a node not in `known`, its address and
+ * predecessor go to left_at/left_prev (nheads slots each) for the caller to
+ * walk on.  Returns how many chains left the known nodes, or -errno. */
+int ldfix_relink(int pid, int memfd, size_t nheads, const uint64_t *heads,
+                 size_t nknown, const uint64_t *known, uint32_t next_off,
+                 uint32_t prev_off, size_t limit, unsigned char *reached,
+                 uint64_t *left_at, uint64_t *left_prev);
+
 #endif

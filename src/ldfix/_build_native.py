@@ -25,6 +25,13 @@ ffibuilder.cdef(
     int ldfix_waitpid(int tid, int *status, int options);
     int ldfix_tgkill(int tgid, int tid, int sig);
     int ldfix_kcmp_vm(int pid1, int pid2);
+    int ldfix_swap16(int pid, int memfd, size_t n, const uint64_t *addrs,
+                     const unsigned char *old, const unsigned char *new_,
+                     unsigned char *scratch, int64_t *done);
+    int ldfix_relink(int pid, int memfd, size_t nheads, const uint64_t *heads,
+                     size_t nknown, const uint64_t *known, uint32_t next_off,
+                     uint32_t prev_off, size_t limit, unsigned char *reached,
+                     uint64_t *left_at, uint64_t *left_prev);
     int ldfix_walk(int pid, int memfd, uint64_t head, uint32_t next_off,
                    uint32_t prev_off, uint32_t read_size, uint32_t min_size,
                    uint64_t user_top, size_t max, unsigned char *buf,

@@ -60,7 +60,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     ins = inspect(args.pid)
     if args.json:
-        print(json.dumps(inspection_json(ins), indent=1))
+        print(json.dumps(inspection_json(ins)))  # one line: the C encoder (indent= is 10x slower)
     else:
         print(inspection_table(ins))
     if ins.loader.layout_source is None:
@@ -117,7 +117,7 @@ def cmd_fix(args: argparse.Namespace, check_only: bool = False) -> int:
     if args.json:
         doc = {"processes": [fix_json(r) for r in reports],
                "covered": {str(k): v for k, v in covered.items()}, "exit_code": code}
-        print(json.dumps(doc, indent=1))
+        print(json.dumps(doc))
     return code
 
 

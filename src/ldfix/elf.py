@@ -8,7 +8,7 @@ only for DWARF, in layout.py)."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldfix.errors import CorruptTarget
 
@@ -21,8 +21,7 @@ MAX_PHNUM = 256
 MAX_DYN = 4096
 
 
-@dataclass(frozen=True)
-class Ehdr:
+class Ehdr(NamedTuple):
     e_type: int
     e_machine: int
     e_entry: int
@@ -35,8 +34,7 @@ class Ehdr:
     e_shstrndx: int
 
 
-@dataclass(frozen=True)
-class Phdr:
+class Phdr(NamedTuple):
     p_type: int
     p_flags: int
     p_offset: int
@@ -99,6 +97,9 @@ class ElfFile:
         self._os = os
         self.fd = fd
         self.size = size
+        # One read serves the header, the program headers, the notes and the
+        # first page of almost every object; pread() falls back to the file.
+        self._head = self._os.pread(fd, min(size, self.HEAD), 0)
         self.header_bytes = self.pread(0, EHDR_SIZE)
         self.ehdr = parse_ehdr(self.header_bytes)
         if self.ehdr.e_phentsize not in (0, PHDR_SIZE):
@@ -106,9 +107,13 @@ class ElfFile:
         self.phdr_bytes = self.pread(self.ehdr.e_phoff, self.ehdr.e_phnum * PHDR_SIZE)
         self.phdrs = parse_phdrs(self.phdr_bytes, self.ehdr.e_phnum)
 
+    HEAD = 8192
+
     def pread(self, off: int, size: int) -> bytes:
         if off < 0 or size < 0 or off + size > self.size or size > self.MAX_SECTION:
             raise CorruptTarget(f"ELF read out of bounds ({off}+{size} of {self.size})")
+        if off + size <= len(self._head):
+            return self._head[off:off + size]
         data = self._os.pread(self.fd, size, off)
         if len(data) != size:
             raise CorruptTarget("short read from ELF file")

@@ -65,6 +65,7 @@ def tracer_of(proc: Process) -> tuple[int, bool]:
 def _wait_stop(tid: int, deadline: float) -> int | None:
     """Wait for `tid`'s ptrace stop; returns the signal to re-inject, or None if it exited."""
     delay = 20e-6
+    spins = 0
     while True:
         try:
             got, status = native.waitpid(tid, os.WNOHANG)
@@ -83,6 +84,10 @@ def _wait_stop(tid: int, deadline: float) -> int | None:
         if time.monotonic() > deadline:
             raise LdfixError(f"thread {tid} did not stop within {STOP_TIMEOUT:.0f} s "
                              "(uninterruptible sleep?)")
+        if spins < 200:  # a PTRACE_INTERRUPT stop takes microseconds: yield before sleeping
+            spins += 1
+            os.sched_yield()
+            continue
         time.sleep(delay)
         delay = min(delay * 2, 5e-3)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ldfix import native
@@ -16,6 +16,33 @@ from ldfix.errors import MemoryFault, from_oserror
 
 # No single read of target memory is larger than this.
 MAX_READ = 1 << 20
+
+
+# Runs a prepared swap: ("ok", -1), ("changed", i): id i no longer held its
+# old value and nothing was written, or ("unwritten", i): id i did not read
+# back as written.
+Swapper = Callable[[], tuple[str, int]]
+
+
+def swap16(mem: Memory, addrs: list[int], old: list[bytes], new: list[bytes]) -> Swapper:
+    """Check every id still holds `old`, write `new` to all, read back: prepared
+    now, run under the freeze.  One native call on a live process."""
+    if isinstance(mem, ProcessMemory):
+        return mem.swap16(addrs, old, new)
+
+    def run() -> tuple[str, int]:
+        reads = [(a, 16) for a in addrs]
+        current = mem.read_many(reads)
+        for i, (raw, o) in enumerate(zip(current, old)):
+            if raw != o:
+                return "changed", i
+        done = mem.write_many(list(zip(addrs, new)))
+        back = mem.read_many(reads)
+        for i, (n, raw, nw) in enumerate(zip(done, back, new)):
+            if n != 16 or raw != nw:
+                return "unwritten", i
+        return "ok", -1
+    return run
 
 
 class Memory(Protocol):
@@ -120,6 +147,17 @@ class ProcessMemory:
         except OSError as exc:
             raise from_oserror(exc, self.pid, "write memory") from None
 
+    def swap16(self, addrs: list[int], old: list[bytes], new: list[bytes]) -> Swapper:
+        """A prepared check-write-read-back of 16-byte ids (see Swapper)."""
+        prepared = native.Swap16(addrs, b"".join(old), b"".join(new))
+
+        def run() -> tuple[str, int]:
+            try:
+                return prepared.run(self.pid, self._memfd)
+            except OSError as exc:
+                raise from_oserror(exc, self.pid, "write memory") from None
+        return run
+
 
 class ImageMemory:
     """A crafted address space: sorted, non-overlapping (address, bytes) segments.
@@ -215,6 +253,62 @@ def walk_list(mem: Memory, head: int, next_off: int, prev_off: int, read_size: i
         nodes.append((addr, raw))
         prev, addr = addr, int.from_bytes(raw[next_off:next_off + 8], "little")
     return nodes, WALK_END, 0
+
+
+class Reachable:
+    """Which of the nodes seen while planning are still linked, asked under
+    the freeze: the (next, prev) words of all `known` nodes are read in one
+    batch and each chain is followed through them (one native call on a live
+    process); where a chain meets a node not seen before (something was
+    added), the rest of it is walked node by node.  A node counts only when
+    its prev names its predecessor."""
+
+    def __init__(self, mem: Memory, known: Sequence[int], next_off: int, prev_off: int, limit: int) -> None:
+        self.mem, self.known = mem, list(known)
+        self.next_off, self.prev_off, self.limit = next_off, prev_off, limit
+        self._native = native.Relink(self.known, next_off, prev_off, limit) \
+            if isinstance(mem, ProcessMemory) else None
+
+    def __call__(self, heads: Sequence[int]) -> set[int]:
+        mem = self.mem
+        if self._native is not None and isinstance(mem, ProcessMemory):
+            try:
+                out, left = self._native.run(mem.pid, mem._memfd, list(heads))
+            except OSError as exc:
+                raise from_oserror(exc, mem.pid, "re-walk the loader's lists") from None
+        else:
+            out, left = self._python(heads)
+        for addr, prev in left:
+            nodes, _stop, _at = walk_list(mem, addr, self.next_off, self.prev_off,
+                                          max(self.next_off, self.prev_off) + 8, 0, self.limit)
+            if nodes and int.from_bytes(nodes[0][1][self.prev_off:self.prev_off + 8], "little") == prev:
+                out.update(a for a, _ in nodes)
+        return out
+
+    def _python(self, heads: Sequence[int]) -> tuple[set[int], list[tuple[int, int]]]:
+        lo, hi = min(self.next_off, self.prev_off), max(self.next_off, self.prev_off) + 8
+        words = self.mem.read_many([(a + lo, hi - lo) for a in self.known])
+        links: dict[int, tuple[int, int]] = {}
+        for a, raw in zip(self.known, words):
+            if len(raw) == hi - lo:
+                links[a] = (int.from_bytes(raw[self.next_off - lo:self.next_off - lo + 8], "little"),
+                            int.from_bytes(raw[self.prev_off - lo:self.prev_off - lo + 8], "little"))
+        known = set(self.known)
+        out: set[int] = set()
+        left: list[tuple[int, int]] = []
+        for head in heads:
+            prev, addr, steps = 0, head, 0
+            while addr and steps < self.limit:
+                if addr not in known:
+                    left.append((addr, prev))
+                    break
+                link = links.get(addr)
+                if link is None or link[1] != prev or addr in out:
+                    break
+                out.add(addr)
+                steps += 1
+                prev, addr = addr, link[0]
+        return out, left
 
 
 def pack_ptrs(*values: int, ptr_size: int = 8) -> bytes:

@@ -122,3 +122,52 @@ def walk(pid: int, memfd: int, head: int, next_off: int, prev_off: int, read_siz
     raw = ffi.buffer(buf, n * read_size)[:]
     nodes = [(int(addrs[i]), raw[i * read_size:i * read_size + lens[i]]) for i in range(n)]
     return nodes, int(stop[0]), int(addrs[n])
+
+
+SWAP_CHANGED_BASE = 0x10000000
+SWAP_UNWRITTEN_BASE = 0x20000000
+
+
+class Swap16:
+    """Arrays for ldfix_swap16, built before the freeze."""
+
+    def __init__(self, addrs: list[int], old: bytes, new: bytes) -> None:
+        self.n = len(addrs)
+        self.addrs = ffi.new("uint64_t[]", addrs or [0])
+        self.old = ffi.new("unsigned char[]", old or b"\0")
+        self.new = ffi.new("unsigned char[]", new or b"\0")
+        self.scratch = ffi.new("unsigned char[]", max(16 * self.n, 1))
+        self.done = ffi.new("int64_t[]", max(self.n, 1))
+
+    def run(self, pid: int, memfd: int) -> tuple[str, int]:
+        """("ok", -1) | ("changed", i) | ("unwritten", i)."""
+        r = _check(lib.ldfix_swap16(pid, memfd, self.n, self.addrs, self.old, self.new,
+                                    self.scratch, self.done), "swap ids")
+        if r == 0:
+            return "ok", -1
+        if r >= SWAP_UNWRITTEN_BASE:
+            return "unwritten", r - SWAP_UNWRITTEN_BASE
+        return "changed", r - SWAP_CHANGED_BASE
+
+
+class Relink:
+    """Arrays for ldfix_relink over a fixed set of known nodes, built before the freeze."""
+
+    def __init__(self, known: list[int], next_off: int, prev_off: int, limit: int) -> None:
+        self.known_list = known
+        self.n = len(known)
+        self.known = ffi.new("uint64_t[]", known or [0])
+        self.reached = ffi.new("unsigned char[]", max(self.n, 1))
+        self.next_off, self.prev_off, self.limit = next_off, prev_off, limit
+
+    def run(self, pid: int, memfd: int, heads: list[int]) -> tuple[set[int], list[tuple[int, int]]]:
+        """(known nodes reached, [(address, predecessor)] where chains left them)."""
+        h = ffi.new("uint64_t[]", heads or [0])
+        left_at = ffi.new("uint64_t[]", max(len(heads), 1))
+        left_prev = ffi.new("uint64_t[]", max(len(heads), 1))
+        left = _check(lib.ldfix_relink(pid, memfd, len(heads), h, self.n, self.known, self.next_off,
+                                       self.prev_off, self.limit, self.reached, left_at, left_prev),
+                      "relink")
+        got = ffi.buffer(self.reached, self.n)[:]
+        reached = {a for a, r in zip(self.known_list, got) if r}
+        return reached, [(int(left_at[i]), int(left_prev[i])) for i in range(left)]

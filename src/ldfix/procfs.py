@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 from functools import cached_property
 
 from ldfix.errors import LdfixError, NoSuchProcess, UnsupportedTarget, from_oserror
@@ -17,8 +17,7 @@ AT_SYSINFO_EHDR = 33
 
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(NamedTuple):
     start: int
     end: int
     perms: str
@@ -102,6 +101,9 @@ class Process:
 
     def maps(self) -> list[Mapping]:
         return parse_maps(self._read("maps"))
+
+    def maps_raw(self) -> bytes:
+        return self._read("maps")
 
     @cached_property
     def exe_header(self) -> bytes:

@@ -19,6 +19,7 @@ from ldfix.api import Options, Session, open_session
 from ldfix.errors import CorruptTarget, LayoutUnverified, LdfixError, LoaderBusy, WriteFailed
 from ldfix.errors import AccessDenied
 from ldfix.freeze import Freeze, freeze, tracer_of
+from ldfix.memory import Swapper, swap16
 from ldfix.model import FileId, LoaderInfo, Status
 
 MAX_ATTEMPTS = 20
@@ -100,7 +101,23 @@ def _hold(session: Session, stopped_by: str | None) -> Freeze:
     return freeze(proc)
 
 
-def _write_under_hold(session: Session, plan: list[Rewrite]) -> tuple[str | None, str]:
+@dataclass
+class Prepared:
+    """Everything the freeze needs, computed before it (the pause stays short)."""
+
+    plan: list[Rewrite]
+    owners: list[int]          # the object holding each planned id
+    swap: Swapper              # check old values, write, read back: one call
+
+    @classmethod
+    def of(cls, session: Session, plan: list[Rewrite]) -> Prepared:
+        owner = {o.id_address: o.address for o in session.inspection.objects if o.id_address}
+        swap = swap16(session.mem, [rw.address for rw in plan], [rw.old.pack() for rw in plan],
+                      [rw.new.pack() for rw in plan])
+        return cls(plan, [owner[rw.address] for rw in plan], swap)
+
+
+def _write_under_hold(session: Session, prep: Prepared) -> tuple[str | None, str]:
     """Checks and writes while held.  Returns (None, "") when written, else
     ("busy" | "replan", why): retry after a back-off, re-planning for "replan"."""
     mem, analysis = session.mem, session.analysis
@@ -110,21 +127,15 @@ def _write_under_hold(session: Session, plan: list[Rewrite]) -> tuple[str | None
     if analysis.members is None:
         raise CorruptTarget(f"pid {session.proc.pid}: cannot re-walk the loader's lists", pid=session.proc.pid)
     live = analysis.members(mem)
-    owner = {o.id_address: o.address for o in session.inspection.objects if o.id_address}
-    for rw in plan:
-        if owner.get(rw.address) not in live:
+    for rw, owner in zip(prep.plan, prep.owners):
+        if owner not in live:
             return "replan", f"object {rw.name!r} left the loader's lists"
-    current = mem.read_many([(rw.address, 16) for rw in plan])
-    for rw, raw in zip(plan, current):
-        if raw != rw.old.pack():
-            return "replan", f"id at 0x{rw.address:x} changed since planning"
-    done = mem.write_many([(rw.address, rw.new.pack()) for rw in plan])
-    back = mem.read_many([(rw.address, 16) for rw in plan])
-    bad = [rw for rw, n, raw in zip(plan, done, back) if n != 16 or raw != rw.new.pack()]
-    if bad:
-        raise WriteFailed(f"pid {session.proc.pid}: write at 0x{bad[0].address:x} did not read back "
-                          f"as written ({len(bad)} of {len(plan)} failed)", pid=session.proc.pid,
-                          address=bad[0].address)
+    outcome, i = prep.swap()
+    if outcome == "changed":
+        return "replan", f"id at 0x{prep.plan[i].address:x} changed since planning"
+    if outcome == "unwritten":
+        raise WriteFailed(f"pid {session.proc.pid}: write at 0x{prep.plan[i].address:x} did not read back "
+                          "as written", pid=session.proc.pid, address=prep.plan[i].address)
     return None, ""
 
 
@@ -166,12 +177,13 @@ def fix(pid: int, dry_run: bool = False, *, options: Options | None = None,
             if dry_run or not plan:
                 report.freeze, report.pause_us = "none", 0
                 return report
+            prep = Prepared.of(session, plan)
             while report.attempts < max_attempts:
                 report.attempts += 1
                 fz = _hold(session, stopped_by)
                 report.freeze = fz.mode
                 with fz:
-                    kind, why = _write_under_hold(session, plan)
+                    kind, why = _write_under_hold(session, prep)
                 pause_ns += fz.pause_ns
                 report.pause_us = pause_ns // 1000
                 if kind is None:

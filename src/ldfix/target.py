@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ldfix import elf
 from ldfix.errors import CorruptTarget, LdfixError, UnsupportedTarget, from_oserror
 from ldfix.memory import Memory, read
-from ldfix.procfs import AT_BASE, AT_ENTRY, AT_PHDR, AT_PHNUM, Mapping, Process
+from ldfix.procfs import AT_BASE, AT_ENTRY, AT_PHDR, AT_PHNUM, Mapping, Process, parse_maps
 
 log = logging.getLogger("ldfix.target")
 
@@ -29,6 +29,8 @@ class Interpreter:
     file: elf.ElfFile
     fd: int
     path: bytes
+    start: int = 0   # the loader's image in the target: [start, end)
+    end: int = 0
 
     def close(self) -> None:
         os.close(self.fd)
@@ -55,16 +57,38 @@ class Interpreter:
 class TargetView:
     proc: Process
     mem: Memory
-    maps: list[Mapping]
+    maps: list[Mapping]       # parsed lazily from maps_raw when that is given
     exe_bias: int
     dynamic: list[tuple[int, int]]
     interp_name: bytes | None
     r_debug: int              # 0 when the loader has not filled DT_DEBUG (yet)
     interp: Interpreter | None
+    maps_raw: bytes | None = None   # /proc/PID/maps as read
+
+    def __post_init__(self) -> None:
+        self._index: tuple[list[int], dict[tuple[int, int], int]] | None = None
+
+    def all_maps(self) -> list[Mapping]:
+        """Every mapping, parsed on first use (5000 lines cost ~20 ms to parse)."""
+        if not self.maps and self.maps_raw:
+            self.maps = parse_maps(self.maps_raw)
+        return self.maps
+
+    def _built(self) -> tuple[list[int], dict[tuple[int, int], int]]:
+        if self._index is None:
+            maps = self.all_maps()
+            maps.sort(key=lambda m: m.start)
+            file_starts: dict[tuple[int, int], int] = {}
+            for m in maps:
+                if m.ino:
+                    file_starts.setdefault((m.dev, m.ino), m.start)
+            self._index = ([m.start for m in maps], file_starts)
+        return self._index
 
     def mapping_at(self, addr: int) -> Mapping | None:
-        """The mapping holding addr (maps are sorted by start, as the kernel lists them)."""
-        i = bisect.bisect_right(self._starts, addr) - 1
+        """The mapping holding addr."""
+        starts, _ = self._built()
+        i = bisect.bisect_right(starts, addr) - 1
         if i >= 0 and addr < self.maps[i].end:
             return self.maps[i]
         return None
@@ -74,24 +98,48 @@ class TargetView:
         m = self.mapping_at(addr)
         if m is None or not m.ino:
             return None
-        return self._file_starts.get((m.dev, m.ino))
+        return self._built()[1].get((m.dev, m.ino))
 
-    def __post_init__(self) -> None:
-        self.maps.sort(key=lambda m: m.start)
-        self._starts = [m.start for m in self.maps]
-        self._file_starts: dict[tuple[int, int], int] = {}
-        for m in self.maps:
-            if m.ino:
-                self._file_starts.setdefault((m.dev, m.ino), m.start)
+    def starts(self) -> set[int]:
+        """Start addresses of every mapping (cheap: no full parse)."""
+        if self.maps or not self.maps_raw:
+            return {m.start for m in self.maps}
+        return {int(line[:line.find(b"-")], 16) for line in self.maps_raw.splitlines() if b"-" in line}
+
+    def special(self, name: bytes) -> tuple[int, int] | None:
+        """(start, end) of a kernel-named mapping such as b"[vdso]"."""
+        if self.maps or not self.maps_raw:
+            m = next((m for m in self.maps if m.path == name), None)
+            return (m.start, m.end) if m else None
+        i = self.maps_raw.find(b" " + name + b"\n")
+        if i < 0:
+            return None
+        line = self.maps_raw[self.maps_raw.rfind(b"\n", 0, i) + 1:i]
+        lo, _, hi = line.split(b" ", 1)[0].partition(b"-")
+        return int(lo, 16), int(hi, 16)
+
+    def in_interp(self, addr: int) -> bool:
+        """Whether addr lies in the loader's own image."""
+        return self.interp is not None and self.interp.start <= addr < self.interp.end
 
     def close(self) -> None:
         if self.interp:
             self.interp.close()
 
 
+def _mapping_starting_at(raw: bytes, start: int) -> Mapping | None:
+    key = b"%x-" % start
+    i = 0 if raw.startswith(key) else raw.find(b"\n" + key) + 1
+    if i <= 0 and not raw.startswith(key):
+        return None
+    end = raw.find(b"\n", i)
+    found = parse_maps(raw[i:end if end >= 0 else len(raw)])
+    return found[0] if found else None
+
+
 def open_target(proc: Process, mem: Memory) -> TargetView:
     aux = proc.auxv
-    maps = proc.maps()
+    maps_raw = proc.maps_raw()
     phdr_addr, phnum = aux.get(AT_PHDR, 0), aux.get(AT_PHNUM, 0)
     if not phdr_addr or not (0 < phnum <= elf.MAX_PHNUM):
         raise UnsupportedTarget(f"pid {proc.pid}: no program headers in auxv", pid=proc.pid)
@@ -118,12 +166,12 @@ def open_target(proc: Process, mem: Memory) -> TargetView:
     for tag, val in dynamic:
         if tag == elf.DT_DEBUG:
             r_debug = val
-    interp = _open_interpreter(proc, maps, at_base) if at_base else None
-    return TargetView(proc, mem, maps, bias, dynamic, interp_name, r_debug, interp)
+    interp = _open_interpreter(proc, maps_raw, at_base) if at_base else None
+    return TargetView(proc, mem, [], bias, dynamic, interp_name, r_debug, interp, maps_raw)
 
 
-def _open_interpreter(proc: Process, maps: list[Mapping], at_base: int) -> Interpreter:
-    first = next((m for m in maps if m.start == at_base), None)
+def _open_interpreter(proc: Process, maps_raw: bytes, at_base: int) -> Interpreter:
+    first = _mapping_starting_at(maps_raw, at_base)
     if first is None or not first.ino:
         raise CorruptTarget(f"pid {proc.pid}: no file mapped at the loader's base 0x{at_base:x}",
                             pid=proc.pid)
@@ -141,4 +189,6 @@ def _open_interpreter(proc: Process, maps: list[Mapping], at_base: int) -> Inter
                             pid=proc.pid) from None
     loads = f.load_segments()
     low = min((p.p_vaddr for p in loads), default=0) & ~0xFFF
-    return Interpreter(first, at_base - low, f, fd, first.path)
+    high = max((p.p_vaddr + p.p_memsz for p in loads), default=0)
+    bias = at_base - low
+    return Interpreter(first, bias, f, fd, first.path, at_base, bias + high)

@@ -19,7 +19,7 @@ from ldfix.layout import (GlibcLayout, debug_file_candidates, dwarf_glibc_layout
 from ldfix.loaders.base import Analysis, BusyField, busy_reason
 from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, read_names
 from ldfix.memory import (USER_TOP, WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE,
-                          Memory, read, walk_list)
+                          Memory, Reachable, read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
 
@@ -233,18 +233,16 @@ class GlibcBackend:
         all_maps = [m for lst in lists for m in lst.maps]
         names = _read_names(mem, all_maps)
 
-        interp_ino = (view.interp.mapping.dev, view.interp.mapping.ino) if view.interp else None
-        vdso = next((m for m in view.maps if m.path == b"[vdso]"), None)
+        vdso = view.special(b"[vdso]")
 
         def role(m: RawMap, first: bool) -> str:
             if m.l_real != m.addr:
                 return "proxy"
             if first and m.ns_position == 0:
                 return "main"
-            if vdso and vdso.start <= m.l_ld < vdso.end:
+            if vdso and vdso[0] <= m.l_ld < vdso[1]:
                 return "vdso"
-            mp = view.mapping_at(m.l_ld) if m.l_ld else None
-            if mp and interp_ino and (mp.dev, mp.ino) == interp_ino:
+            if m.l_ld and view.in_interp(m.l_ld):
                 return "loader"
             return "library"
 
@@ -305,23 +303,23 @@ class GlibcBackend:
             fields = self._busy_fields(candidate, lists) if candidate else \
                 [BusyField(lst.r_debug + 24, 4, f"r_state of list {i}") for i, lst in enumerate(lists) if lst.r_debug]
             inspection.busy = busy_reason(mem, fields)
-        return Analysis(inspection, busy, members=lambda m: self.members(m, pre))
+        relink = Reachable(mem, [m.addr for m in all_maps], table.L_NEXT, table.L_PREV, MAX_OBJECTS)
+        return Analysis(inspection, busy, members=lambda m: self.members(m, pre, relink))
 
-    def members(self, mem: Memory, pre: GlibcLayout | None) -> set[int]:
-        """Addresses of every link_map reachable now (public fields only)."""
+    def members(self, mem: Memory, pre: GlibcLayout | None, relink: Reachable) -> set[int]:
+        """Addresses of every link_map reachable now (public fields only).
+
+        Runs inside the freeze: the maps found while planning are re-linked
+        with one batched read; only what is new is walked node by node."""
         heads, _ = find_namespaces(mem, self.view.r_debug, self.rtld_global, pre)
-        out: set[int] = set()
-        for pos, (_hint, _dbg, head) in enumerate(heads):
-            maps, _problem = walk_chain(mem, head, MAX_OBJECTS, pos, read_size=64)
-            out.update(m.addr for m in maps if m.l_real == m.addr)
-        return out
+        return relink([h for _, _, h in heads])
 
     def cross_check(self, layout: GlibcLayout, lists: list[NamespaceList], roles: dict[int, str]) -> list[str]:
         """Every invariant the verified layout implies, on every map of the target."""
         view = self.view
         problems: list[str] = []
         ns_ids: dict[int, int] = {}
-        starts = {m.start for m in view.maps}
+        starts = view.starts()
         headers: list[tuple[RawMap, int]] = []
         for pos, lst in enumerate(lists):
             for m in lst.maps:

@@ -20,7 +20,7 @@ from ldfix.identity import RootView
 from ldfix.loaders.base import Analysis, BusyField
 from ldfix.loaders.common import IdSlot, classify, read_names
 from ldfix.memory import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE, Memory,
-                          read, walk_list)
+                          Reachable, read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
 
@@ -111,17 +111,15 @@ class MuslBackend:
         if problem:
             self.warnings.append(problem)
         names = self._names(dsos)
-        vdso = next((m for m in view.maps if m.path == b"[vdso]"), None)
-        interp = view.interp
+        vdso = view.special(b"[vdso]")
         objects: list[LoadedObject] = []
         for i, d in enumerate(dsos):
             dyn = _w(d.raw, DYNV)
-            mp = view.mapping_at(dyn) if dyn else None
             if i == 0:
                 role = "main"
-            elif vdso and vdso.start <= dyn < vdso.end:
+            elif vdso and vdso[0] <= dyn < vdso[1]:
                 role = "vdso"
-            elif mp and interp and (mp.dev, mp.ino) == (interp.mapping.dev, interp.mapping.ino):
+            elif dyn and view.in_interp(dyn):
                 role = "loader"
             else:
                 role = "library"
@@ -166,19 +164,19 @@ class MuslBackend:
         if self.version is None:
             self.warnings.append(f"musl version unknown ({self.version_how})")
         inspection = Inspection(pid, info, objects, partial=partial, warnings=self.warnings)
-        return Analysis(inspection, busy, members=self.members)
+        relink = Reachable(mem, [d.addr for d in dsos], NEXT, PREV, MAX_OBJECTS)
+        return Analysis(inspection, busy, members=lambda m: self.members(m, relink))
 
-    def members(self, mem: Memory) -> set[int]:
-        head = _w(read(mem, self.view.r_debug, 16), 8)
-        dsos, _ = walk(mem, head, read_size=64)
-        return {d.addr for d in dsos}
+    def members(self, mem: Memory, relink: Reachable) -> set[int]:
+        """Every dso reachable now (see glibc's members: one batched read)."""
+        return relink([_w(read(mem, self.view.r_debug, 16), 8)])
 
     def _names(self, dsos: list[Dso]) -> dict[int, bytes]:
         return read_names(self.view.mem, [(d.addr, _w(d.raw, NAME)) for d in dsos])
 
     def _cross_check(self, objects: list[LoadedObject], by_addr: dict[int, Dso], dev_off: int) -> list[str]:
         view = self.view
-        starts = {m.start for m in view.maps}
+        starts = view.starts()
         problems = []
         heads = []
         for o in objects:
