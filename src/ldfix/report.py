@@ -6,12 +6,18 @@ screen or forge a line."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ldfix.model import FileId, Inspection, LoadedObject
 
 
+_PLAIN = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")
+
+
 def escape(raw: bytes) -> str:
+    if _PLAIN.fullmatch(raw):
+        return raw.decode("ascii")
     out = []
     for b in raw:
         if b == 0x5C:

@@ -53,6 +53,9 @@ class Interpreter:
         return None
 
 
+_START = re.compile(rb"^([0-9a-f]+)-", re.M)
+
+
 @dataclass
 class TargetView:
     proc: Process
@@ -104,7 +107,7 @@ class TargetView:
         """Start addresses of every mapping (cheap: no full parse)."""
         if self.maps or not self.maps_raw:
             return {m.start for m in self.maps}
-        return {int(line[:line.find(b"-")], 16) for line in self.maps_raw.splitlines() if b"-" in line}
+        return {int(x, 16) for x in _START.findall(self.maps_raw)}
 
     def special(self, name: bytes) -> tuple[int, int] | None:
         """(start, end) of a kernel-named mapping such as b"[vdso]"."""

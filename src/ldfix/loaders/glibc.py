@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ldfix import layouts_table as table
@@ -59,6 +59,23 @@ class NamespaceList:
     hint: int | None       # namespace id when known from _dl_ns[i]
     r_debug: int | None    # its r_debug (for r_state), when known
     maps: list[RawMap]
+
+
+def _gather(fields: dict[str, tuple[int, str]]) -> Callable[[bytes], dict[str, int]]:
+    """One compiled struct reading scattered little-endian fields: {name: (offset, "Q"|"H")}."""
+    order = sorted(fields.items(), key=lambda kv: kv[1][0])
+    fmt, pos = "<", 0
+    for _name, (off, code) in order:
+        if off < pos:
+            raise ValueError("overlapping fields")
+        fmt += f"{off - pos}x{code}" if off > pos else code
+        pos = off + struct.calcsize("<" + code)
+    st = struct.Struct(fmt)
+    names = [n for n, _ in order]
+
+    def unpack(raw: bytes) -> dict[str, int]:
+        return dict(zip(names, st.unpack_from(raw)))
+    return unpack
 
 
 def walk_chain(mem: Memory, head: int, budget: int, position: int,
@@ -320,14 +337,28 @@ class GlibcBackend:
         problems: list[str] = []
         ns_ids: dict[int, int] = {}
         starts = view.starts()
-        headers: list[tuple[RawMap, int]] = []
+        headers: list[tuple[int, int, int]] = []   # (map address, l_map_start, l_phnum)
+        k = layout.l_local_scope
+        fields = {"ns": (layout.l_ns, "Q"), "dev": (layout.file_id, "Q"), "ino": (layout.file_id + 8, "Q")}
+        have_range = layout.l_map_start is not None and layout.l_map_end is not None
+        if have_range:
+            fields["start"] = (layout.l_map_start, "Q")
+            fields["end"] = (layout.l_map_end, "Q")
+        if layout.l_phdr is not None and layout.l_phnum is not None:
+            fields["phdr"] = (layout.l_phdr, "Q")
+            fields["phnum"] = (layout.l_phnum, "H")
+        if k is not None:
+            fields["local0"] = (k, "Q")
+            fields["scope_max"] = (k - 16, "Q")
+        unpack = _gather(fields)
         for pos, lst in enumerate(lists):
             for m in lst.maps:
                 where = f"link_map 0x{m.addr:x}"
                 if len(m.raw) < layout.span:
                     problems.append(f"{where}: only {len(m.raw)} bytes readable")
                     continue
-                ns = m.word(layout.l_ns)
+                f = unpack(m.raw)
+                ns = f["ns"]
                 if ns >= MAX_NAMESPACES:
                     problems.append(f"{where}: l_ns {ns} out of range")
                 if ns_ids.setdefault(pos, ns) != ns:
@@ -335,39 +366,35 @@ class GlibcBackend:
                 if lst.hint is not None and ns != lst.hint:
                     problems.append(f"{where}: l_ns {ns}, expected {lst.hint}")
                 r = roles[m.addr]
-                stored = FileId.unpack(m.raw[layout.file_id:layout.file_id + 16])
+                zero_id = f["dev"] == 0 and f["ino"] == 0
                 if r in ("loader", "vdso", "proxy", "main"):
-                    if r != "main" and not stored.is_zero:
+                    if r != "main" and not zero_id:
                         problems.append(f"{where} ({r}): stored id is not zero")
                     if r == "proxy":
                         continue
-                if layout.l_map_start is not None and layout.l_map_end is not None and r != "loader":
-                    start, end = m.word(layout.l_map_start), m.word(layout.l_map_end)
+                if have_range and r != "loader":
+                    start, end = f["start"], f["end"]
                     if not (start < end) or start not in starts:
                         problems.append(f"{where}: l_map_start 0x{start:x} is not the start of a mapping")
                         continue
                     if m.l_ld and not (start <= m.l_ld < end):
                         problems.append(f"{where}: l_ld outside [l_map_start, l_map_end)")
-                    if layout.l_phdr is not None and layout.l_phnum is not None:
-                        phdr = m.word(layout.l_phdr)
-                        if not (start <= phdr < end):
+                    if "phdr" in f:
+                        if not (start <= f["phdr"] < end):
                             problems.append(f"{where}: l_phdr outside the object")
-                        headers.append((m, start))
-                if r == "library" and stored.is_zero:
+                        headers.append((m.addr, start, f["phnum"]))
+                if r == "library" and zero_id:
                     problems.append(f"{where}: a library with no stored id")
-                if r in ("main", "library") and layout.l_local_scope is not None:
-                    k = layout.l_local_scope
-                    local0 = m.word(k)
-                    if not (m.addr < local0 < m.addr + k) or m.word(k - 16) < 4:
+                if r in ("main", "library") and k is not None:
+                    if not (m.addr < f["local0"] < m.addr + k) or f["scope_max"] < 4:
                         problems.append(f"{where}: l_local_scope signature does not hold")
         if len(set(ns_ids.values())) != len(ns_ids):
             problems.append("two lists claim the same namespace")
-        if headers and layout.l_phnum is not None:
-            raws = view.mem.read_many([(start, 64) for _, start in headers])
-            for (m, _start), raw in zip(headers, raws):
-                phnum = int.from_bytes(m.raw[layout.l_phnum:layout.l_phnum + 2], "little")
+        if headers:
+            raws = view.mem.read_many([(start, 64) for _, start, _ in headers])
+            for (addr, _start, phnum), raw in zip(headers, raws):
                 if len(raw) < 64 or raw[:4] != b"\x7fELF" or struct.unpack_from("<H", raw, 56)[0] != phnum:
-                    problems.append(f"link_map 0x{m.addr:x}: l_phnum does not match the mapped ELF header")
+                    problems.append(f"link_map 0x{addr:x}: l_phnum does not match the mapped ELF header")
         return problems
 
     def _busy_fields(self, layout: GlibcLayout, lists: list[NamespaceList]) -> list[BusyField]:
