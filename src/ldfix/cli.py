@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="show what would be written (address, old id, new id, path); write nothing")
 
     sub.add_parser("demo", help="show the bug and the repair on a real process (simulated restore)")
+    sub.add_parser("agent-path", help="print the path of the preload agent (LD_PRELOAD=$(ldfix agent-path) prog)")
     sub.add_parser("criu-hook", help="CRIU action script (what ldfix-criu-hook runs at the acting stage)")
     return p
 
@@ -127,6 +128,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_agent_path(args: argparse.Namespace) -> int:
+    from ldfix.agent import agent_path
+
+    print(agent_path())
+    return ExitCode.OK
+
+
 def cmd_criu_hook(args: argparse.Namespace) -> int:
     from ldfix.criu import run_hook
 
@@ -142,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="ldfix: %(name)s: %(message)s")
     handler = {"dump": cmd_dump, "fix": cmd_fix, "check": lambda a: cmd_fix(a, check_only=True),
-               "demo": cmd_demo, "criu-hook": cmd_criu_hook}[args.command]
+               "demo": cmd_demo, "criu-hook": cmd_criu_hook,
+               "agent-path": cmd_agent_path}[args.command]
     try:
         return handler(args)
     except LdfixError as exc:
