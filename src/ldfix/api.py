@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldfix.errors import CorruptTarget, LdfixError, NoSuchProcess, UnsupportedTarget, from_oserror
 from ldfix.identity import RootView
@@ -21,8 +21,7 @@ from ldfix.target import TargetView, open_target
 INSPECT_ATTEMPTS = 5
 
 
-@dataclass(frozen=True)
-class Options:
+class Options(NamedTuple):
     """Knobs shared by inspect and fix."""
 
     debug_dirs: Sequence[str] = DEFAULT_DEBUG_DIRS
@@ -35,8 +34,7 @@ class Options:
         return cls(debug_dirs=tuple(d for d in raw.split(":") if d))
 
 
-@dataclass
-class Session:
+class Session(NamedTuple):
     """One analysed process with the resources the repair needs."""
 
     proc: Process

@@ -6,8 +6,6 @@ stderr (`ldfix: error: ...`) and the exit code its class documents."""
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -56,6 +54,7 @@ def _error(msg: str) -> None:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    import json
     from ldfix.api import inspect
     from ldfix.report import inspection_json, inspection_table
 
@@ -116,6 +115,7 @@ def cmd_fix(args: argparse.Namespace, check_only: bool = False) -> int:
             _error(rep.error)
     code = _aggregate([r.exit_code for r in reports])
     if args.json:
+        import json
         doc = {"processes": [fix_json(r) for r in reports],
                "covered": {str(k): v for k, v in covered.items()}, "exit_code": code}
         print(json.dumps(doc))
@@ -147,8 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) if exc.code in (0, None) else ExitCode.USAGE
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
-                        format="ldfix: %(name)s: %(message)s")
+    if args.verbose:
+        from ldfix.log import enable
+        enable(30 - 10 * min(args.verbose, 2))
     handler = {"dump": cmd_dump, "fix": cmd_fix, "check": lambda a: cmd_fix(a, check_only=True),
                "demo": cmd_demo, "criu-hook": cmd_criu_hook,
                "agent-path": cmd_agent_path}[args.command]

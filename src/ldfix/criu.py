@@ -22,8 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 from ldfix.errors import LdfixError
 
@@ -32,8 +31,7 @@ STAGES = ("post-restore", "pre-resume")
 MODES = ("lenient", "strict")
 
 
-@dataclass(frozen=True)
-class HookConfig:
+class HookConfig(NamedTuple):
     stage: str = "post-restore"
     mode: str = "lenient"
     report: str | None = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from dataclasses import dataclass, field
 
 from ldfix import native
 from ldfix.errors import AccessDenied, LdfixError, NoSuchProcess
@@ -21,15 +20,17 @@ STOP_TIMEOUT = 2.0     # seconds a thread may take to reach its ptrace stop
 MAX_ROUNDS = 64        # re-listings of /proc/PID/task while threads keep appearing
 
 
-@dataclass
 class Freeze:
     """How the target is held.  `mode` is reported in every fix report."""
 
-    proc: Process
-    mode: str = "none"
-    held: dict[int, int] = field(default_factory=dict)   # tid -> signal to re-inject
-    started_ns: int = 0
-    pause_ns: int = 0
+    __slots__ = ("proc", "mode", "held", "started_ns", "pause_ns")
+
+    def __init__(self, proc: Process, mode: str = "none") -> None:
+        self.proc = proc
+        self.mode = mode
+        self.held: dict[int, int] = {}   # tid -> signal to re-inject at detach
+        self.started_ns = 0
+        self.pause_ns = 0
 
     def __enter__(self) -> Freeze:
         return self

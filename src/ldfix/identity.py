@@ -12,7 +12,7 @@ import errno
 import os
 import posixpath
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldfix import elf, native
 from ldfix.errors import LdfixError
@@ -23,8 +23,7 @@ from ldfix.procfs import Process
 MAX_PATH = 4096
 
 
-@dataclass
-class FileFacts:
+class FileFacts(NamedTuple):
     id: FileId
     size: int
     build_id: bytes | None
@@ -32,8 +31,7 @@ class FileFacts:
     first_page: bytes  # up to 4 KiB of the first PT_LOAD when it starts at offset 0
 
 
-@dataclass
-class ImageFacts:
+class ImageFacts(NamedTuple):
     build_id: bytes | None
     header: bytes
     first_page: bytes

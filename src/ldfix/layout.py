@@ -10,23 +10,22 @@ independent sources agree; every report names the sources that decided."""
 
 from __future__ import annotations
 
-import json
-import logging
+
+from ldfix.log import getLogger
 import os
 import struct
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 from ldfix import layouts_table as table
 from ldfix.errors import CorruptTarget
 
-log = logging.getLogger("ldfix.layout")
+log = getLogger("ldfix.layout")
 
 DEFAULT_DEBUG_DIRS = ("/usr/lib/debug",)
 
 
-@dataclass(frozen=True)
-class GlibcLayout:
+class GlibcLayout(NamedTuple):
     """Offsets in struct link_map (and struct rtld_global) for one ld.so build."""
 
     file_id: int
@@ -175,6 +174,8 @@ def _trusted_dir(path: str) -> bool:
 
 
 def dwarf_glibc_layout_cached(fd: int, build_id: bytes) -> GlibcLayout | None:
+    import json
+
     st = os.fstat(fd)
     d = cache_dir()
     name = f"dwarf{CACHE_FORMAT}-{build_id.hex()}-{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}.json"
@@ -197,7 +198,7 @@ def dwarf_glibc_layout_cached(fd: int, build_id: bytes) -> GlibcLayout | None:
             tmp = f"{path}.{os.getpid()}"
             fd2 = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd2, "w") as f:
-                json.dump(asdict(lay), f)
+                json.dump(lay._asdict(), f)
             os.replace(tmp, path)
         except OSError:
             pass
@@ -244,7 +245,7 @@ def structure_scan(maps: Sequence[tuple[int, bytes]], lo: int = 560, hi: int = 1
 
 
 def with_source(layout: GlibcLayout, source: str) -> GlibcLayout:
-    return replace(layout, source=source)
+    return layout._replace(source=source)
 
 
 def checked_rtld_fields(layout: GlibcLayout) -> bool:

@@ -9,11 +9,10 @@ a row is trusted only together with another source that agrees."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class GlibcRow:
+class GlibcRow(NamedTuple):
     first: int          # first glibc 2.x minor the row covers
     last: int           # last minor (99: up to master)
     arch: str
@@ -56,8 +55,7 @@ GLIBC_ROWS: tuple[GlibcRow, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class RtldRow:
+class RtldRow(NamedTuple):
     first: int
     last: int
     arch: str

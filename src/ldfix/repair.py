@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ldfix.api import Options, Session, open_session
 from ldfix.errors import CorruptTarget, LayoutUnverified, LdfixError, LoaderBusy, WriteFailed
 from ldfix.errors import AccessDenied
 from ldfix.freeze import Freeze, freeze, tracer_of
 from ldfix.memory import Swapper, swap16
-from ldfix.model import FileId, LoaderInfo, Status
+from ldfix.model import FileId, LoaderInfo, Record, Status
 
 MAX_ATTEMPTS = 20
 PLAN_ATTEMPTS = 5
@@ -28,8 +28,7 @@ BACKOFF_START = 0.001
 BACKOFF_MAX = 0.05
 
 
-@dataclass
-class Rewrite:
+class Rewrite(NamedTuple):
     name: bytes
     namespace: int
     address: int       # of the id field in the target
@@ -37,28 +36,32 @@ class Rewrite:
     new: FileId
 
 
-@dataclass
-class Skipped:
+class Skipped(NamedTuple):
     name: bytes
     namespace: int
     status: Status
     reason: str
 
 
-@dataclass
-class FixReport:
-    pid: int
-    loader: LoaderInfo | None = None
-    dry_run: bool = False
-    planned: list[Rewrite] = field(default_factory=list)
-    rewritten: list[Rewrite] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    pause_us: int | None = None
-    freeze: str = ""              # how the target was held
-    attempts: int = 0
-    error: str | None = None
-    exit_code: int = 0
-    stale_left: int = 0
+class FixReport(Record):
+    """What `fix` did to one process."""
+
+    __slots__ = ("pid", "loader", "dry_run", "planned", "rewritten", "skipped", "pause_us", "freeze",
+                 "attempts", "error", "exit_code")
+
+    def __init__(self, pid: int, loader: LoaderInfo | None = None, dry_run: bool = False,
+                 error: str | None = None, exit_code: int = 0) -> None:
+        self.pid = pid
+        self.loader = loader
+        self.dry_run = dry_run
+        self.planned: list[Rewrite] = []
+        self.rewritten: list[Rewrite] = []
+        self.skipped: list[Skipped] = []
+        self.pause_us: int | None = None  # how long the target's threads were held
+        self.freeze = ""                  # how the target was held
+        self.attempts = 0
+        self.error = error
+        self.exit_code = exit_code
 
 
 def _plan(session: Session) -> tuple[list[Rewrite], list[Skipped]]:
@@ -101,8 +104,7 @@ def _hold(session: Session, stopped_by: str | None) -> Freeze:
     return freeze(proc)
 
 
-@dataclass
-class Prepared:
+class Prepared(NamedTuple):
     """Everything the freeze needs, computed before it (the pause stays short)."""
 
     plan: list[Rewrite]

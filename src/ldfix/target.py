@@ -8,22 +8,21 @@ is mapped, whatever the target's mount namespace shows today."""
 from __future__ import annotations
 
 import bisect
-import logging
+from ldfix.log import getLogger
 import os
 import re
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldfix import elf
 from ldfix.errors import CorruptTarget, LdfixError, UnsupportedTarget, from_oserror
 from ldfix.memory import Memory, read
 from ldfix.procfs import AT_BASE, AT_ENTRY, AT_PHDR, AT_PHNUM, Mapping, Process, parse_maps
 
-log = logging.getLogger("ldfix.target")
+log = getLogger("ldfix.target")
 
 
-@dataclass
-class Interpreter:
+class Interpreter(NamedTuple):
     mapping: Mapping
     bias: int
     file: elf.ElfFile
@@ -56,19 +55,21 @@ class Interpreter:
 _START = re.compile(rb"^([0-9a-f]+)-", re.M)
 
 
-@dataclass
 class TargetView:
-    proc: Process
-    mem: Memory
-    maps: list[Mapping]       # parsed lazily from maps_raw when that is given
-    exe_bias: int
-    dynamic: list[tuple[int, int]]
-    interp_name: bytes | None
-    r_debug: int              # 0 when the loader has not filled DT_DEBUG (yet)
-    interp: Interpreter | None
-    maps_raw: bytes | None = None   # /proc/PID/maps as read
+    """The process as the loader back-ends see it."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, proc: Process, mem: Memory, maps: list[Mapping], exe_bias: int,
+                 dynamic: list[tuple[int, int]], interp_name: bytes | None, r_debug: int,
+                 interp: Interpreter | None, maps_raw: bytes | None = None) -> None:
+        self.proc = proc
+        self.mem = mem
+        self.maps = maps              # parsed lazily from maps_raw when that is given
+        self.exe_bias = exe_bias
+        self.dynamic = dynamic
+        self.interp_name = interp_name
+        self.r_debug = r_debug        # 0 when the loader has not filled DT_DEBUG (yet)
+        self.interp = interp
+        self.maps_raw = maps_raw      # /proc/PID/maps as read
         self._index: tuple[list[int], dict[tuple[int, int], int]] | None = None
 
     def all_maps(self) -> list[Mapping]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ldfix.memory import Memory
-from ldfix.model import Inspection
+from ldfix.model import Inspection, Record
 
 
-@dataclass(frozen=True)
-class BusyField:
+class BusyField(NamedTuple):
     """A word that must be zero while no load is in flight."""
 
     address: int
@@ -19,13 +18,16 @@ class BusyField:
     owner_offset: int | None = None  # where the holder's tid is (mutexes)
 
 
-@dataclass
-class Analysis:
-    inspection: Inspection
-    busy_fields: list[BusyField] = field(default_factory=list)
-    # Re-walks the lists (public fields only) and returns every object address
-    # reachable now; the repair calls it under the freeze.
-    members: Callable[[Memory], set[int]] | None = None
+class Analysis(Record):
+    __slots__ = ("inspection", "busy_fields", "members")
+
+    def __init__(self, inspection: Inspection, busy_fields: list[BusyField] | None = None,
+                 members: Callable[[Memory], set[int]] | None = None) -> None:
+        self.inspection = inspection
+        self.busy_fields = busy_fields or []
+        # Re-walks the lists (public fields only) and returns every object
+        # address reachable now; the repair calls it under the freeze.
+        self.members = members
 
     def busy(self, mem: Memory) -> str | None:
         """Why the loader is in the middle of a change, or None."""

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldfix.identity import FileFacts, FileProblem, RootView, image_facts, same_content
 from ldfix.memory import Memory
 from ldfix.model import FileId, LoadedObject, Status
 
 
-@dataclass
-class IdSlot:
+class IdSlot(NamedTuple):
     stored: FileId
     address: int           # where the 16 bytes (dev, ino) live in the target
     removed: bool = False  # glibc l_removed: never written

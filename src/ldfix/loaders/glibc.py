@@ -6,11 +6,11 @@ read only through a GlibcLayout whose sources are named."""
 
 from __future__ import annotations
 
-import logging
+from ldfix.log import getLogger
 import os
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldfix import layouts_table as table
 from ldfix.identity import RootView
@@ -23,7 +23,7 @@ from ldfix.memory import (USER_TOP, WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, W
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
 
-log = logging.getLogger("ldfix.glibc")
+log = getLogger("ldfix.glibc")
 
 WINDOW = 1216          # bytes read of every link_map: the public prefix and every private field used
 MAX_OBJECTS = 16384    # per process, over all namespaces
@@ -54,8 +54,7 @@ class RawMap:
         return 0 if v is None else v
 
 
-@dataclass
-class NamespaceList:
+class NamespaceList(NamedTuple):
     hint: int | None       # namespace id when known from _dl_ns[i]
     r_debug: int | None    # its r_debug (for r_state), when known
     maps: list[RawMap]
@@ -210,8 +209,8 @@ class GlibcBackend:
                 return None, (f"DWARF ({dw_note}) puts l_local_scope at {dw.l_local_scope} but the "
                               f"target's own maps show it at {k}")
             if dw.nns is None and rrow is not None:
-                dw = GlibcLayout(**{**dw.__dict__, "ns_size": rrow.ns_size, "ns_debug": rrow.ns_debug,
-                                    "nns": rrow.nns, "load_lock": rrow.load_lock})
+                dw = dw._replace(ns_size=rrow.ns_size, ns_debug=rrow.ns_debug, nns=rrow.nns,
+                                 load_lock=rrow.load_lock)
             return with_source(dw, "dwarf"), ""
         reasons = [f"dwarf: {dw_note}"]
         if k is None:

@@ -9,12 +9,12 @@ the vdso keep 0/0.  There are no namespaces (reported as namespace 0)."""
 
 from __future__ import annotations
 
-import logging
+from ldfix.log import getLogger
 import os
 import re
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldfix.identity import RootView
 from ldfix.loaders.base import Analysis, BusyField
@@ -24,7 +24,7 @@ from ldfix.memory import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, W
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
 
-log = logging.getLogger("ldfix.musl")
+log = getLogger("ldfix.musl")
 
 # struct dso, identical in musl 1.1.24 .. 1.2.5 (reference/loader-layouts.md, T5).
 BASE, NAME, DYNV, NEXT, PREV, PHDR, PHNUM = 0, 8, 16, 24, 32, 40, 48
@@ -39,8 +39,7 @@ def _w(raw: bytes, off: int) -> int:
     return int.from_bytes(raw[off:off + 8], "little") if off + 8 <= len(raw) else 0
 
 
-@dataclass
-class Dso:
+class Dso(NamedTuple):
     addr: int
     raw: bytes
 
