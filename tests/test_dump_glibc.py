@@ -159,3 +159,19 @@ def test_control_characters_in_names_are_escaped(fx: Fixtures, tmp_path: Path) -
         assert "we\\x1b[2Jird\\nname/lib.so" in out
         doc = json.loads(run_ldfix("dump", "--json", str(t.pid)).stdout)
         assert any(o["name"].endswith("we\\x1b[2Jird\\nname/lib.so") for o in doc["objects"])
+
+
+def test_system_library_with_two_note_segments_is_stale_not_changed(target: Target, tmp_path: Path) -> None:
+    """Debian's libraries carry .note.gnu.property in a PT_NOTE of its own before
+    the one with the build-id: the mapped image's build-id must still be found."""
+    src = Path("/lib/x86_64-linux-gnu/libm.so.6")
+    out = subprocess.run(["readelf", "-lW", str(src)], capture_output=True, text=True).stdout
+    assert out.count(" NOTE ") >= 2, "this test needs a library with two PT_NOTE segments"
+    lib = tmp_path / "libm-copy.so.6"
+    import shutil
+    shutil.copy2(src, lib)
+    assert target.cmd(f"openx {os.fsencode(lib).hex()}").startswith("ok")
+    replace_with_copy(lib)
+    (obj,) = [o for o in ldfix.inspect(target.pid).objects if o.display_name == str(lib)]
+    assert obj.status is Status.STALE, obj.reason
+    assert "build-id" in obj.reason

@@ -851,6 +851,10 @@ class FakeRoot:
     def current_id(self, name: bytes) -> FileId:
         return self.facts(name).id
 
+    def probe(self, name: bytes, stored: FileId) -> tuple[FileId, FileFacts | None]:
+        f = self.facts(name)
+        return f.id, (None if f.id == stored else f)
+
     def open_file(self, path: str) -> int | None:
         return None
 

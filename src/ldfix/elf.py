@@ -61,6 +61,24 @@ def parse_phdrs(data: bytes, count: int) -> list[Phdr]:
             struct.iter_unpack("<IIQQQQQQ", data[:count * PHDR_SIZE])]
 
 
+MAX_NOTES = 8
+_PHDR = struct.Struct("<IIQQQQQQ")
+
+
+def notes_and_first_load(data: bytes, count: int) -> tuple[list[tuple[int, int, int]], tuple[int, int] | None]:
+    """From raw program headers, without building objects: every PT_NOTE as
+    (p_offset, p_vaddr, p_filesz) (at most MAX_NOTES, each at most 64 KiB) and
+    the first PT_LOAD as (p_offset, p_filesz)."""
+    notes: list[tuple[int, int, int]] = []
+    first: tuple[int, int] | None = None
+    for t, _f, off, vaddr, _pa, filesz, _ms, _al in _PHDR.iter_unpack(data[:count * PHDR_SIZE]):
+        if t == PT_NOTE and filesz <= 65536 and len(notes) < MAX_NOTES:
+            notes.append((off, vaddr, filesz))
+        elif t == PT_LOAD and first is None:
+            first = (off, filesz)
+    return notes, first
+
+
 def parse_dynamic(data: bytes) -> list[tuple[int, int]]:
     """(tag, value) pairs up to DT_NULL (or the end of data / MAX_DYN entries)."""
     out = []
@@ -120,11 +138,11 @@ class ElfFile:
         return data
 
     def build_id(self) -> bytes | None:
-        for ph in self.phdrs:
-            if ph.p_type == PT_NOTE and ph.p_filesz <= 65536:
-                bid = build_id_from_notes(self.pread(ph.p_offset, ph.p_filesz))
-                if bid:
-                    return bid
+        notes, _ = notes_and_first_load(self.phdr_bytes, self.ehdr.e_phnum)
+        for off, _vaddr, size in notes:
+            bid = build_id_from_notes(self.pread(off, size))
+            if bid:
+                return bid
         return None
 
     def sections(self) -> list[tuple[int, int, int, int, int, int]]:

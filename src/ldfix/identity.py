@@ -11,10 +11,12 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from ldfix import elf, native
+from ldfix.elf import notes_and_first_load
 from ldfix.errors import LdfixError
 from ldfix.memory import Memory
 from ldfix.model import FileId
@@ -107,6 +109,31 @@ class RootView:
             os.close(pfd)
         return FileId(st.st_dev, st.st_ino)
 
+    def probe(self, name: bytes, stored: FileId) -> tuple[FileId, FileFacts | None]:
+        """The current id of `name`; its facts too, but only when the id is not
+        `stored` (one lookup; the file is opened and read only then)."""
+        pfd = self._open_path(name)
+        try:
+            st = os.fstat(pfd)
+            fid = FileId(st.st_dev, st.st_ino)
+            if fid == stored:
+                return fid, None
+            return fid, self._facts_at(pfd, fid, st.st_size)
+        finally:
+            os.close(pfd)
+
+    def _facts_at(self, pfd: int, fid: FileId, size: int) -> FileFacts:
+        try:
+            fd = native.open_regular(pfd)
+        except OSError as exc:
+            reason = {errno.EINVAL: "not a regular file",
+                      errno.EXDEV: "on procfs or sysfs"}.get(exc.errno or 0, os.strerror(exc.errno or 0))
+            raise FileProblem(reason, missing=True) from None
+        try:
+            return file_facts(fd, fid, size)
+        finally:
+            os.close(fd)
+
     def facts(self, name: bytes) -> FileFacts:
         """fstat and ELF identity of `name` as the target would open it."""
         pfd = self._open_path(name)
@@ -129,10 +156,8 @@ class RootView:
 def file_facts(fd: int, fid: FileId, size: int) -> FileFacts:
     try:
         f = elf.ElfFile(fd, size)
-        first_page = b""
-        loads = f.load_segments()
-        if loads and loads[0].p_offset == 0:
-            first_page = f.pread(0, min(4096, loads[0].p_filesz, size))
+        _, first = notes_and_first_load(f.phdr_bytes, f.ehdr.e_phnum)
+        first_page = f.pread(0, min(4096, first[1], size)) if first and first[0] == 0 else b""
         return FileFacts(fid, size, f.build_id(), f.header_bytes + f.phdr_bytes, first_page)
     except (LdfixError, OSError):
         return FileFacts(fid, size, None, b"", b"")
@@ -141,37 +166,33 @@ def file_facts(fd: int, fid: FileId, size: int) -> FileFacts:
 def image_facts(mem: Memory, images: Sequence[tuple[int, int]]) -> list[ImageFacts | None]:
     """What is mapped for each (load bias, map start): build-id, headers, first page.
 
-    Batched: one read of all headers, one of all program headers, one of notes
-    and first pages."""
+    Batched: one read of all headers, one of all program headers, one of all
+    notes and first pages."""
     heads = mem.read_many([(start, elf.EHDR_SIZE) for _, start in images])
     ph_regions: list[tuple[int, int]] = []
-    ehdrs: list[elf.Ehdr | None] = []
+    phnums: list[int] = []
     for (_, start), raw in zip(images, heads):
-        try:
-            e = elf.parse_ehdr(raw)
-            if e.e_phnum > elf.MAX_PHNUM or e.e_phentsize != elf.PHDR_SIZE:
-                raise LdfixError("bad phdrs")
-        except LdfixError:
-            ehdrs.append(None)
-            ph_regions.append((start, 0))
-            continue
-        ehdrs.append(e)
-        ph_regions.append((start + e.e_phoff, e.e_phnum * elf.PHDR_SIZE))
+        phnum = -1
+        if len(raw) == elf.EHDR_SIZE and raw[:4] == b"\x7fELF" and raw[4] == 2 and raw[5] == 1:
+            phoff, = struct.unpack_from("<Q", raw, 32)
+            phentsize, count = struct.unpack_from("<HH", raw, 54)
+            if phentsize == elf.PHDR_SIZE and count <= elf.MAX_PHNUM:
+                phnum = count
+        phnums.append(phnum)
+        ph_regions.append((start + phoff, phnum * elf.PHDR_SIZE) if phnum >= 0 else (start, 0))
     phs = mem.read_many(ph_regions)
     more: list[tuple[int, int]] = []
-    plans: list[tuple[int, int] | None] = []
-    for (bias, start), e, raw in zip(images, ehdrs, phs):
-        if e is None or len(raw) != e.e_phnum * elf.PHDR_SIZE:
+    plans: list[tuple[int, int, int] | None] = []   # (first note index, note count, page index)
+    for (bias, start), phnum, raw in zip(images, phnums, phs):
+        if phnum < 0 or len(raw) != phnum * elf.PHDR_SIZE:
             plans.append(None)
             continue
-        phdrs = elf.parse_phdrs(raw, e.e_phnum)
-        note = next((p for p in phdrs if p.p_type == elf.PT_NOTE and p.p_filesz <= 65536), None)
-        loads = [p for p in phdrs if p.p_type == elf.PT_LOAD]
-        page = min(4096, loads[0].p_filesz) if loads and loads[0].p_offset == 0 else 0
-        plans.append((len(more), len(more) + 1))
+        notes, first = notes_and_first_load(raw, phnum)
+        page = min(4096, first[1]) if first and first[0] == 0 else 0
+        plans.append((len(more), len(notes), len(more) + len(notes)))
         # Loader arithmetic is modulo 2**64: l_addr is "negative" for an
         # object mapped below its link-time address (prelink).
-        more.append(((bias + note.p_vaddr) % (1 << 64), note.p_filesz) if note else (start, 0))
+        more.extend(((bias + vaddr) % (1 << 64), size) for _off, vaddr, size in notes)
         more.append((start, page))
     data = mem.read_many(more)
     out: list[ImageFacts | None] = []
@@ -179,8 +200,13 @@ def image_facts(mem: Memory, images: Sequence[tuple[int, int]]) -> list[ImageFac
         if plan is None:
             out.append(None)
             continue
-        notes, page = data[plan[0]], data[plan[1]]
-        out.append(ImageFacts(elf.build_id_from_notes(notes) if notes else None, head + raw, page))
+        first_note, n_notes, page_at = plan
+        bid = None
+        for notes in data[first_note:first_note + n_notes]:
+            bid = elf.build_id_from_notes(notes) if notes else None
+            if bid:
+                break
+        out.append(ImageFacts(bid, head + raw, data[page_at]))
     return out
 
 

@@ -55,6 +55,18 @@ class Interpreter(NamedTuple):
 _START = re.compile(rb"^([0-9a-f]+)-", re.M)
 
 
+class _Starts:
+    """Mapping starts kept as the hex text /proc/PID/maps prints (no int() per line)."""
+
+    __slots__ = ("_hex",)
+
+    def __init__(self, hexes: set[bytes]) -> None:
+        self._hex = hexes
+
+    def __contains__(self, addr: object) -> bool:
+        return isinstance(addr, int) and addr >= 0 and (b"%x" % addr) in self._hex
+
+
 class TargetView:
     """The process as the loader back-ends see it."""
 
@@ -104,11 +116,11 @@ class TargetView:
             return None
         return self._built()[1].get((m.dev, m.ino))
 
-    def starts(self) -> set[int]:
-        """Start addresses of every mapping (cheap: no full parse)."""
+    def starts(self) -> _Starts:
+        """Start addresses of every mapping, for `addr in view.starts()` (no full parse)."""
         if self.maps or not self.maps_raw:
-            return {m.start for m in self.maps}
-        return {int(x, 16) for x in _START.findall(self.maps_raw)}
+            return _Starts({b"%x" % m.start for m in self.maps})
+        return _Starts(set(_START.findall(self.maps_raw)))
 
     def special(self, name: bytes) -> tuple[int, int] | None:
         """(start, end) of a kernel-named mapping such as b"[vdso]"."""

@@ -29,33 +29,24 @@ def classify(mem: Memory, root: RootView, objects: list[LoadedObject],
             o.status, o.reason, o.stored, o.id_address = Status.VIRTUAL, "no file behind it (vdso)", None, None
             continue
         problem = ""
+        facts: FileFacts | None = None
         if o.name.endswith(TRUNCATED):
             problem = "the recorded name is unreadable or too long"
         elif o.address not in unnamed:
             try:
-                o.current = root.current_id(o.name)
+                # Only a file with a new id is opened and read (ELF headers, build-id).
+                o.current, facts = root.probe(o.name, slot.stored)
             except FileProblem as exc:
-                problem = exc.reason
+                o.current, problem = None, exc.reason
         if slot.stored.is_zero:
             o.status, o.reason = Status.UNSET, f"the loader stored no id ({o.role})"
         elif slot.removed:
             o.status, o.reason = Status.UNSET, "being removed (l_removed)"
         elif o.current is None:
             o.status, o.reason = Status.MISSING, problem
-        elif o.current == slot.stored:
+        elif o.current == slot.stored or facts is None:
             o.status, o.reason = Status.OK, "stored id equals the file's"
         else:
-            # Only a file with a new id is opened and read (ELF headers, build-id).
-            try:
-                facts = root.facts(o.name)
-            except FileProblem as exc:
-                o.current = None
-                o.status, o.reason = Status.MISSING, exc.reason
-                continue
-            o.current = facts.id
-            if facts.id == slot.stored:
-                o.status, o.reason = Status.OK, "stored id equals the file's"
-                continue
             pending.append((o, facts))
     if not pending:
         return
