@@ -5,6 +5,7 @@ fails the build loudly instead of shipping half a package."""
 import os
 import shutil
 import subprocess
+import sys
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -46,6 +47,28 @@ class BuildWithFixtures(build_py):
                                    "-Wl,--build-id", "-Wl,-soname,libldfix_demo.so",
                                    f"-DLDFIX_DEMO_VARIANT={variant}", "-o",
                                    os.path.join(out, name), os.path.join(src, "libdemo.c")])
+        self._build_agent(cc)
+
+    def _build_agent(self, cc: str) -> None:
+        """The preload agent (csrc/agent.c), once per C library: a musl program
+        cannot preload a glibc-linked object, nor the reverse.  The musl build
+        needs musl-gcc (Debian: musl-tools); without it only the glibc agent is
+        installed, and the build says so."""
+        out = os.path.join(self.build_lib, "ldfix", "_agent")
+        os.makedirs(out, exist_ok=True)
+        src = os.path.join(HERE, "csrc", "agent.c")
+        flags = ["-O2", "-Wall", "-shared", "-fPIC", "-fvisibility=hidden", "-Wl,--build-id",
+                 "-Wl,-z,now", "-Wl,-z,nodelete"]
+        subprocess.check_call([cc, *flags, "-o", os.path.join(out, "libldfix_agent.so"), src, "-lpthread"])
+        musl_out = os.path.join(out, "libldfix_agent_musl.so")
+        musl_cc = os.environ.get("MUSL_CC") or shutil.which("musl-gcc")
+        if musl_cc:
+            subprocess.check_call([musl_cc, *flags, "-o", musl_out, src])
+        else:
+            if os.path.exists(musl_out):
+                os.unlink(musl_out)
+            print("ldfix: note: musl-gcc not found (Debian: apt-get install musl-tools): the preload agent "
+                  "for musl programs (libldfix_agent_musl.so) is not built", file=sys.stderr)
 
 
 setup(
