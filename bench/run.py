@@ -121,6 +121,7 @@ class Results:
         fmt = (lambda v: f"{v * 1000:.1f} ms") if unit == "ms" else (lambda v: f"{v:.0f} {unit}")
         self.rows.append((name, what, fmt(measured), f"{fmt(reference)} (bound {fmt(bound)})",
                           f"{ratio:.2f}  {'PASS' if ok else 'FAIL'}"))
+        print("  ".join(self.rows[-1]), flush=True)  # progress; the table follows at the end
 
     def table(self) -> str:
         head = ("goal", "what", "measured", "reference", "ratio")
@@ -233,6 +234,7 @@ def main() -> int:
                 total = _strace_total(work / f"strace{n}.txt")
                 res.notes.append(f"W2 n={n}: fix {per[n] * 1000:.1f} ms, {per[n] / n * 1e6:.1f} us/lib, "
                                  f"{total} syscalls ({total / n:.2f}/lib)")
+                print("  " + res.notes[-1], flush=True)
                 if t is not w1:
                     t.kill()
                     targets.remove(t)
@@ -273,7 +275,7 @@ def main() -> int:
 def _strace_total(path: Path) -> int:
     for line in path.read_text().splitlines():
         if line.strip().endswith("total"):
-            return int(line.split()[2])
+            return int(line.split()[3])
     return 0
 
 

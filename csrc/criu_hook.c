@@ -66,8 +66,15 @@ int main(void)
         if (config_value(config && *config ? config : DEFAULT_CONFIG, "stage", buf, sizeof buf))
             stage = buf;
     }
-    if (strcmp(action, stage) != 0)
+    if (strcmp(stage, "post-restore") != 0 && strcmp(stage, "pre-resume") != 0) {
+        /* A misspelt stage must not make the hook silently do nothing: let
+         * `ldfix criu-hook` report the configuration error at post-restore,
+         * where a failing script stops the restore. */
+        if (strcmp(action, "post-restore") != 0)
+            return 0;
+    } else if (strcmp(action, stage) != 0) {
         return 0;
+    }
 
     n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n <= 0) {

@@ -237,8 +237,12 @@ def test_config_file(tmp_path: Path) -> None:
     env["CRTOOLS_SCRIPT_ACTION"] = "pre-resume"
     r = subprocess.run([str(HOOK)], env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "CRTOOLS_INIT_PID is not set" in r.stderr  # strict: no init pid fails
-    conf.write_text("stage = sometime\n")
-    r = subprocess.run([str(HOOK)], env={**env, "CRTOOLS_SCRIPT_ACTION": "sometime"}, capture_output=True, text=True)
+    conf.write_text("stage = post-restor\n")  # misspelt: never silently ignored
+    for action in ("pre-restore", "pre-resume"):
+        r = subprocess.run([str(HOOK)], env={**env, "CRTOOLS_SCRIPT_ACTION": action}, capture_output=True)
+        assert r.returncode == 0 and r.stderr == b""
+    r = subprocess.run([str(HOOK)], env={**env, "CRTOOLS_SCRIPT_ACTION": "post-restore"}, capture_output=True,
+                       text=True)
     assert r.returncode == 1 and "configuration error" in r.stderr
 
 

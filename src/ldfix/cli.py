@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="show what would be written (address, old id, new id, path); write nothing")
 
     sub.add_parser("demo", help="show the bug and the repair on a real process (simulated restore)")
-    sub.add_parser("agent-path", help="print the path of the preload agent (LD_PRELOAD=$(ldfix agent-path) prog)")
+    a = sub.add_parser("agent-path", help="print the path of the preload agent (LD_PRELOAD=$(ldfix agent-path) prog)")
+    a.add_argument("--musl", action="store_true", help="the build for musl programs")
     sub.add_parser("criu-hook", help="CRIU action script (what ldfix-criu-hook runs at the acting stage)")
     return p
 
@@ -131,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_agent_path(args: argparse.Namespace) -> int:
     from ldfix.agent import agent_path
 
-    print(agent_path())
+    print(agent_path("musl" if args.musl else "glibc"))
     return ExitCode.OK
 
 

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from importlib import resources
+from collections.abc import Callable
 from pathlib import Path
 
 from ldfix.errors import ExitCode
@@ -64,12 +65,12 @@ def _fixture(name: str) -> Path:
     return path
 
 
-def run_demo(out: object = None) -> int:
+def run_demo(out: Callable[[str], None] | None = None) -> int:
     from ldfix.api import inspect
     from ldfix.repair import fix
     from ldfix.report import fix_text, inspection_table
 
-    say = print if out is None else out  # type: ignore[assignment]
+    say: Callable[[str], None] = print if out is None else out
     exe, lib_src = _fixture("ldfix-target"), _fixture("libldfix_demo.so")
     with tempfile.TemporaryDirectory(prefix="ldfix-demo-") as tmp:
         libdir, altdir = Path(tmp, "lib"), Path(tmp, "alt")

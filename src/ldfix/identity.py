@@ -202,8 +202,8 @@ def image_facts(mem: Memory, images: Sequence[tuple[int, int]]) -> list[ImageFac
             continue
         first_note, n_notes, page_at = plan
         bid = None
-        for notes in data[first_note:first_note + n_notes]:
-            bid = elf.build_id_from_notes(notes) if notes else None
+        for note_bytes in data[first_note:first_note + n_notes]:
+            bid = elf.build_id_from_notes(note_bytes) if note_bytes else None
             if bid:
                 break
         out.append(ImageFacts(bid, head + raw, data[page_at]))

@@ -46,7 +46,9 @@ def swap16(mem: Memory, addrs: list[int], old: list[bytes], new: list[bytes]) ->
 
 
 class Memory(Protocol):
-    pid: int | None
+    @property
+    def pid(self) -> int | None:
+        """The process behind this memory, if any (for messages)."""
 
     def read_many(self, regions: Sequence[tuple[int, int]]) -> list[bytes]:
         """Read each (address, size); a region that faults comes back short."""

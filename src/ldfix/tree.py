@@ -38,7 +38,9 @@ def _children_psutil(pid: int) -> list[int]:
 
 def descendants(pid: int) -> list[int]:
     """pid and all its descendants, parents before children."""
-    out, seen, queue = [], set(), [pid]
+    out: list[int] = []
+    seen: set[int] = set()
+    queue = [pid]
     while queue and len(out) < MAX_PROCESSES:
         p = queue.pop(0)
         if p in seen:

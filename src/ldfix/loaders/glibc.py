@@ -340,7 +340,7 @@ class GlibcBackend:
         k = layout.l_local_scope
         fields = {"ns": (layout.l_ns, "Q"), "dev": (layout.file_id, "Q"), "ino": (layout.file_id + 8, "Q")}
         have_range = layout.l_map_start is not None and layout.l_map_end is not None
-        if have_range:
+        if layout.l_map_start is not None and layout.l_map_end is not None:
             fields["start"] = (layout.l_map_start, "Q")
             fields["end"] = (layout.l_map_end, "Q")
         if layout.l_phdr is not None and layout.l_phnum is not None:

@@ -125,10 +125,12 @@ class MuslBackend:
             objects.append(LoadedObject(0, names[d.addr], role, d.addr, _w(d.raw, BASE)))
         by_addr = {d.addr: d for d in dsos}
         libs = [d for d, o in zip(dsos, objects) if o.role == "library"]
-        starts = {}
+        starts: dict[int, int] = {}
         for d in libs:
             dyn = _w(d.raw, DYNV)
-            starts[d.addr] = view.file_start(dyn) if dyn else None
+            start = view.file_start(dyn) if dyn else None
+            if start is not None:
+                starts[d.addr] = start
         k = structure_map_offset(libs, starts) if libs else None
         layout_dev: int | None = None
         if not libs:
