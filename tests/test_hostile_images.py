@@ -1015,3 +1015,234 @@ def test_analyse_cross_check_failures_leave_everything_unknown(mutate) -> None: 
     assert ins.loader.layout_source is None and ins.loader.layout_error
     assert all(o.status == Status.UNKNOWN for o in ins.objects)
     assert not any(o.writable for o in ins.objects)
+
+
+# --- the plan: no write outside the verified id fields (glibc, mutated verified scenes) --------
+#
+# Random words of a target that verifies (verified_scene: the program and two
+# stale libraries) are overwritten; whatever the analysis makes of it, every
+# address the repair would write is the id field (link_map + l_file_id) of a
+# library map that passed the cross-check and that holds the planned old id,
+# and a prepared swap on the image writes there and nowhere else.
+
+from types import SimpleNamespace
+
+from hypothesis import event
+
+from ldfix.memory import swap16
+from ldfix.repair import _plan
+
+
+def _scene_targets(addrs: list[int]) -> list[int]:
+    """Interesting values for the mutations: every field address of the scene."""
+    out = [0, 1, 4, MASK64, UNMAPPED, IMG, IMG + 0x1000, IMG + 0x10_0000, NAMES_AT, NAMES_AT + 1,
+           R_DEBUG, 0xfe00, 340071, 0x2f, 91]
+    for a in addrs:
+        out += [a, a + 8, a + K - 48, a + ROW.l_searchlist, a + ROW.file_id]
+    return out
+
+
+SCENE_ADDRS = [MAPS_AT + i * MAP_SIZE for i in range(3)]
+scene_mutation = st.tuples(st.integers(0, 1 << 20),                       # which segment (modulo)
+                           st.sampled_from([L_NAME, L_LD, L_NEXT, L_PREV, L_REAL, L_NS, ROW.l_phdr,
+                                            ROW.l_phnum, ROW.l_map_start, ROW.l_map_end, K - 16, K - 8,
+                                            K, ROW.file_id, ROW.file_id + 8, None]),
+                           st.integers(0, 1 << 16),                       # where, when not a field
+                           st.one_of(st.sampled_from(_scene_targets(SCENE_ADDRS)), st.integers(0, MASK64)),
+                           st.sampled_from([1, 2, 8]))
+
+
+def check_plan_is_confined(mem: Image, ins: Inspection) -> list[int]:
+    """The property; returns the planned addresses."""
+    try:
+        plan, _skipped = _plan(SimpleNamespace(inspection=ins))  # type: ignore[arg-type]
+    except LdfixError:
+        return []
+    by_addr = {o.address: o for o in ins.objects}
+    allowed = set()
+    for o in ins.objects:
+        if not o.writable:
+            continue
+        assert o.role == "library" and o.status == Status.STALE
+        assert o.id_address == o.address + ROW.file_id
+        head = mem.read_many([(o.address, 56)])[0]
+        assert int.from_bytes(head[L_REAL:L_REAL + 8], "little") == o.address  # l_real: itself
+        allowed.add(o.id_address)
+    planned = [rw.address for rw in plan]
+    assert set(planned) <= allowed
+    for rw in plan:
+        owner = by_addr[rw.address - ROW.file_id]
+        assert mem.read_many([(rw.address, 16)])[0] == rw.old.pack() == owner.stored.pack()
+    if plan:
+        outcome = swap16(mem, planned, [rw.old.pack() for rw in plan], [rw.new.pack() for rw in plan])()
+        assert outcome == ("ok", -1)
+        assert {a for a, _ in mem.write_attempts} == set(planned)
+        assert all(len(d) == 16 for _, d in mem.write_attempts)
+    return planned
+
+
+@given(st.lists(scene_mutation, min_size=1, max_size=6))
+@settings(max_examples=int(os.environ.get("LDFIX_HOSTILE_EXAMPLES", "300")), derandomize=True,
+          database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_mutated_verified_scene_plans_only_verified_id_fields(muts) -> None:  # type: ignore[no-untyped-def]
+    def mutate(segs: list[tuple[int, bytearray]], addrs: list[int]) -> None:
+        for which, field_off, where, value, width in muts:
+            if field_off is not None:
+                poke(segs, addrs[which % len(addrs)] + field_off, value if width == 8 else value & 0xFFFF)
+                continue
+            _start, buf = segs[which % len(segs)]
+            off = where % max(1, len(buf) - width + 1)
+            buf[off:off + width] = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+    mem, maps, _ = verified_scene(mutate=mutate)
+    view = TargetView(proc=FakeProc(), mem=mem, maps=maps, exe_bias=0, dynamic=[],  # type: ignore[arg-type]
+                      interp_name=None, r_debug=R_DEBUG, interp=None)
+    backend = GlibcBackend(view, "x86_64", [])
+    backend.version = "2.36"
+    with bounded():
+        try:
+            ins = backend.analyse(FakeRoot(new_id)).inspection  # type: ignore[arg-type]
+        except LdfixError as exc:
+            event(f"analyse: {type(exc).__name__}")
+            mem.assert_untouched()
+            return
+        mem.assert_untouched()  # analysing writes nothing
+        planned = check_plan_is_confined(mem, ins)
+    event(f"layout {'verified' if ins.loader.layout_source else 'refused'}, {len(planned)} id(s) planned")
+
+
+def test_unmutated_verified_scene_plans_both_libraries() -> None:
+    """The control for the property: without mutations both stale ids are planned."""
+    mem, maps, addrs = verified_scene()
+    ins = analyse(mem, R_DEBUG, maps=maps, version="2.36", root=FakeRoot(new_id))
+    assert sorted(check_plan_is_confined(mem, ins)) == [a + ROW.file_id for a in addrs[1:]]
+
+
+# --- musl: crafted dso chains ----------------------------------------------------------------
+
+from ldfix.loaders import musl as musl_loader
+
+DSO_AT = 0x20000
+DSO_SIZE = musl_loader.WINDOW + 64   # 432, a multiple of 8
+
+
+def dso(addr: int, *, name: int = 0, nxt: int = 0, prev: int = 0, base: int = 0, dynv: int = 0,
+        phdr: int = 0, phnum: int = 0, map_start: int = 0, map_len: int = 0, dev: int = 0,
+        ino: int = 0) -> bytearray:
+    raw = bytearray(DSO_SIZE)
+    struct.pack_into("<6QH", raw, 0, base, name, dynv, nxt, prev, phdr, phnum)
+    struct.pack_into("<4Q", raw, musl_loader.TABLE_MAP, map_start, map_len, dev, ino)
+    return raw
+
+
+def musl_scene(mutate: Callable[[list[tuple[int, bytearray]], list[int]], None] | None = None,
+               ) -> tuple[Image, list[Mapping], list[int], int]:
+    """musl's debug struct, the program's dso and two libraries (stale ids),
+    each library's first page mapped and listed in /proc/PID/maps."""
+    addrs = [DSO_AT + i * DSO_SIZE for i in range(3)]
+    buf = bytearray(3 * DSO_SIZE)
+    names = bytearray(b"/bin/prog\0/lib/libone.so\0/lib/libtwo.so\0")
+    name_ptrs = [NAMES_AT, NAMES_AT + 10, NAMES_AT + 25]
+    maps: list[Mapping] = []
+    images: list[tuple[int, bytearray]] = []
+    for i, a in enumerate(addrs):
+        start = IMG + i * 0x10_0000
+        lib = i > 0
+        buf[i * DSO_SIZE:(i + 1) * DSO_SIZE] = dso(
+            a, name=name_ptrs[i], nxt=addrs[i + 1] if i < 2 else 0, prev=addrs[i - 1] if i else 0,
+            base=start, dynv=start + 0x800, phdr=start + 64, phnum=2, map_start=start, map_len=0x1000,
+            dev=0xfe00 if lib else 0, ino=340070 + i if lib else 0)
+        maps.append(Mapping(start, start + 0x1000, "r--p", 0, 0xfe00, 340070 + i, name_ptrs and b"/x%d" % i))
+        images.append((start, elf_image(notes=note(desc=BID))))
+    segs = [(DSO_AT, buf), (NAMES_AT, names)]
+    if mutate:
+        mutate(segs, addrs)
+    debug = struct.pack("<i4xQQi4xQ", 1, addrs[0], 0, 0, 0)
+    return Image([(R_DEBUG, debug), *segs, *images]), maps, addrs, R_DEBUG
+
+
+def musl_analyse(mem: Image, maps: list[Mapping], r_dbg: int, root: FakeRoot | None = None) -> Inspection:
+    view = TargetView(proc=FakeProc(), mem=mem, maps=maps, exe_bias=0, dynamic=[],  # type: ignore[arg-type]
+                      interp_name=None, r_debug=r_dbg, interp=None)
+    backend = object.__new__(musl_loader.MuslBackend)   # skips reading the loader file for its version
+    backend.view, backend.arch, backend.warnings = view, "x86_64", []
+    backend.version, backend.version_how = "1.2.5", "test"
+    with bounded():
+        return backend.analyse(root or FakeRoot(new_id)).inspection  # type: ignore[arg-type]
+
+
+def test_musl_scene_baseline_is_writable() -> None:
+    mem, maps, addrs, r_dbg = musl_scene()
+    dsos, problem = musl_loader.walk(mem, addrs[0])
+    assert problem is None and [d.addr for d in dsos] == addrs
+    starts = {a: IMG + i * 0x10_0000 for i, a in enumerate(addrs)}
+    assert musl_loader.structure_map_offset(dsos[1:], starts) == musl_loader.TABLE_MAP
+    ins = musl_analyse(mem, maps, r_dbg)
+    assert ins.loader.layout_source == "structure+table", ins.loader.layout_error
+    assert [o.status for o in ins.objects] == [Status.UNSET, Status.STALE, Status.STALE]
+    assert [o.id_address for o in ins.objects if o.writable] == [a + musl_loader.TABLE_DEV for a in addrs[1:]]
+    mem.assert_untouched()
+
+
+MUSL_INTERESTING = [0, 1, 2, 8, MASK64, UNMAPPED, *KERNEL, IMG, IMG + 64, IMG + 0x800, IMG + 0x10_0000,
+                    NAMES_AT, DSO_AT, DSO_AT + 8, DSO_AT + DSO_SIZE, DSO_AT + 2 * DSO_SIZE, DSO_AT + 3,
+                    0x1000, 1 << 40, 0xfe00]
+musl_mutation = st.tuples(st.integers(0, 2), st.integers(0, DSO_SIZE // 8 - 1),
+                          st.one_of(st.sampled_from(MUSL_INTERESTING), st.integers(0, MASK64)))
+
+
+@given(st.lists(musl_mutation, min_size=1, max_size=8))
+@settings(max_examples=int(os.environ.get("LDFIX_HOSTILE_EXAMPLES", "300")), derandomize=True,
+          database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_mutated_musl_chain_never_escapes(muts: list[tuple[int, int, int]]) -> None:
+    """Mutated dso words: the walk and the structure scan stay bounded; the
+    analysis ends with a result or an LdfixError; a library is writable only
+    at its own dev/ino field, having passed the cross-check."""
+    def mutate(segs: list[tuple[int, bytearray]], addrs: list[int]) -> None:
+        for which, word, value in muts:
+            poke(segs, addrs[which] + 8 * word, value)
+    mem, maps, addrs, r_dbg = musl_scene(mutate)
+    with bounded():
+        dsos, problem = musl_loader.walk(mem, addrs[0])
+        k = musl_loader.structure_map_offset(dsos, {d.addr: IMG for d in dsos})
+    assert len(dsos) <= musl_loader.MAX_OBJECTS and (problem is None or isinstance(problem, str))
+    assert all(d.addr % 8 == 0 and 0 < d.addr < 1 << 56 and len(d.raw) >= 56 for d in dsos)
+    assert k is None or (64 <= k < 320 and k % 8 == 0)
+    try:
+        ins = musl_analyse(mem, maps, r_dbg)
+    except LdfixError as exc:
+        event(f"analyse: {type(exc).__name__}")
+        mem.assert_untouched()
+        return
+    mem.assert_untouched()
+    event(f"layout {'verified' if ins.loader.layout_source else 'refused'}, "
+          f"{sum(o.writable for o in ins.objects)} writable")
+    for o in ins.objects:
+        if o.writable:
+            assert o.role == "library" and o.status == Status.STALE
+            assert o.id_address == o.address + musl_loader.TABLE_DEV
+            raw = mem.read_many([(o.address, musl_loader.WINDOW)])[0]
+            assert FileId.unpack(raw[musl_loader.TABLE_DEV:musl_loader.TABLE_DEV + 16]) == o.stored
+            mstart = int.from_bytes(raw[musl_loader.TABLE_MAP:musl_loader.TABLE_MAP + 8], "little")
+            assert mstart in {m.start for m in maps}
+    try:
+        plan, _ = _plan(SimpleNamespace(inspection=ins))  # type: ignore[arg-type]
+    except LdfixError:
+        return
+    assert {rw.address for rw in plan} <= {o.id_address for o in ins.objects if o.writable}
+
+
+@given(st.lists(st.binary(min_size=0, max_size=DSO_SIZE), min_size=1, max_size=4), st.integers(0, 3))
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
+def test_musl_walk_on_random_bytes(raws: list[bytes], head: int) -> None:
+    segs = [(DSO_AT + i * 0x1000, r) for i, r in enumerate(raws) if r]
+    mem = Image(segs)
+    with bounded():
+        dsos, problem = musl_loader.walk(mem, DSO_AT + head * 0x1000)
+        k = musl_loader.structure_map_offset(dsos, {d.addr: IMG for d in dsos})
+    assert all(len(d.raw) >= 56 for d in dsos)
+    assert len(dsos) <= sum(max(0, (len(r) - 56) // 8 + 1) for r in raws)  # each node at most once
+    for prev, cur in zip([0] + [d.addr for d in dsos], dsos):
+        assert int.from_bytes(cur.raw[musl_loader.PREV:musl_loader.PREV + 8], "little") == prev
+    assert problem is None or isinstance(problem, str)
+    assert k is None or 64 <= k < 320
+    mem.assert_untouched()
