@@ -69,16 +69,85 @@ static ssize_t vm_batch(int pid, int write, size_t first, size_t n,
     return (ssize_t)(first + cnt);
 }
 
-static int mem_fallback(int memfd, int write, size_t first, size_t n,
+/* Writable ranges of pid from /proc/PID/maps, for the fallback's writes:
+ * /proc/PID/mem writes through read-only and PROT_NONE pages (the kernel
+ * forces them), where process_vm_writev refuses; the fallback must refuse
+ * too.  Returns the number of ranges (in *out, malloc'd) or -errno. */
+static long writable_ranges(int pid, uint64_t (**out)[2])
+{
+    char path[64], line[512];
+    uint64_t (*r)[2] = NULL;
+    long n = 0, cap = 0;
+    FILE *f;
+
+    snprintf(path, sizeof path, "/proc/%d/maps", pid);
+    f = fopen(path, "re");
+    if (!f)
+        return -errno;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long long lo, hi;
+        char perms[5];
+        if (strchr(line, '\n') == NULL && !feof(f)) {
+            int c;
+            while ((c = fgetc(f)) != EOF && c != '\n')
+                ;  /* a long path: the fields we need came first */
+        }
+        if (sscanf(line, "%llx-%llx %4s", &lo, &hi, perms) != 3 || perms[1] != 'w')
+            continue;
+        if (n == cap) {
+            uint64_t (*nr)[2];
+            cap = cap ? 2 * cap : 256;
+            nr = realloc(r, (size_t)cap * sizeof *r);
+            if (!nr) {
+                free(r);
+                fclose(f);
+                return -ENOMEM;
+            }
+            r = nr;
+        }
+        r[n][0] = lo;
+        r[n][1] = hi;
+        n++;
+    }
+    fclose(f);
+    *out = r;
+    return n;
+}
+
+static int in_ranges(uint64_t (*r)[2], long n, uint64_t addr, uint64_t len)
+{
+    long i;
+
+    for (i = 0; i < n; i++)
+        if (addr >= r[i][0] && addr + len <= r[i][1])
+            return 1;
+    return 0;
+}
+
+static int mem_fallback(int pid, int memfd, int write, size_t first, size_t n,
                         const uint64_t *addrs, const uint64_t *lens,
                         unsigned char *buf, const size_t *offs, int64_t *done)
 {
+    uint64_t (*ranges)[2] = NULL;
+    long nranges = 0;
     size_t i;
 
     if (memfd < 0)
         return -ENOSYS;
+    if (write) {
+        nranges = writable_ranges(pid, &ranges);
+        if (nranges < 0)
+            return (int)nranges;
+    }
     for (i = first; i < n; i++) {
         uint64_t got = 0;
+        done[i] = 0;
+        /* pread's offset is signed: an address at or above 2^63 (kernel
+         * space) is a fault of this region, not an error of the batch. */
+        if (addrs[i] >= (1ULL << 63) || lens[i] >= (1ULL << 63) - addrs[i])
+            continue;
+        if (write && !in_ranges(ranges, nranges, addrs[i], lens[i]))
+            continue;
         while (got < lens[i]) {
             ssize_t r;
             if (write)
@@ -89,16 +158,19 @@ static int mem_fallback(int memfd, int write, size_t first, size_t n,
                           (off_t)(addrs[i] + got));
             if (r < 0 && errno == EINTR)
                 continue;
-            if (r < 0 && (errno == EIO || errno == EFAULT))
+            if (r < 0 && (errno == EIO || errno == EFAULT || errno == EINVAL))
                 break;
-            if (r < 0)
+            if (r < 0) {
+                free(ranges);
                 return -errno;
+            }
             if (r == 0)
                 break;
             got += (uint64_t)r;
         }
         done[i] = (int64_t)got;
     }
+    free(ranges);
     return 0;
 }
 
@@ -126,7 +198,7 @@ static int vm_access(int pid, int memfd, int write, size_t n,
         ssize_t next = vm_batch(pid, write, pos, n, addrs, lens, buf, offs, done);
         if (next < 0) {
             if (use_fallback((int)-next))
-                ret = mem_fallback(memfd, write, pos, n, addrs, lens, buf, offs, done);
+                ret = mem_fallback(pid, memfd, write, pos, n, addrs, lens, buf, offs, done);
             else
                 ret = (int)next;
             break;

@@ -515,25 +515,21 @@ def test_corrupt_debug_file_in_the_target_root_ends_cleanly(scene: Scene) -> Non
         r = run_cli(*args, str(scene.target.pid), env=env)
         assert scene.canary.fired() == []
         assert_clean_output(r)
-        assert r.returncode in (0, ExitCode.INTERNAL), r
+        assert r.returncode == 0, r
         assert r.seconds < 20
     assert "t" not in _states(scene.target.pid)
 
 
-HOSTILE_DEBUG_BUG = ("bug: layout.dwarf_glibc_layout catches only (ELFError, OSError, ValueError, KeyError, "
-                     "struct.error); a debug file in the target's root that pyelftools fails on otherwise "
-                     "(zlib.error, DWARFError, AssertionError, ...) escapes as an internal error (exit 70)")
 
-
-@pytest.mark.xfail(strict=True, reason=HOSTILE_DEBUG_BUG)
 def test_corrupt_debug_file_in_the_target_root_is_treated_as_absent(scene: Scene) -> None:
     corrupt_debug_file(scene)
     r = run_cli("dump", "--json", str(scene.target.pid), env=dict(os.environ, LDFIX_CACHE_DIR=""))
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["loader"]["layout_source"] == "structure+table"
+    # The corrupt file is skipped like an absent one: the search goes on to the
+    # host's debug file for the same build-id, or to structure+table.
+    assert json.loads(r.stdout)["loader"]["layout_source"] in ("dwarf", "structure+table")
 
 
-@pytest.mark.xfail(strict=True, reason=HOSTILE_DEBUG_BUG + "; cli.cmd_fix then aborts every other PID")
 def test_a_hostile_process_does_not_stop_the_repair_of_others(scene: Scene, target: Target,
                                                               libdir: Path) -> None:
     corrupt_debug_file(scene)
@@ -544,11 +540,10 @@ def test_a_hostile_process_does_not_stop_the_repair_of_others(scene: Scene, targ
     assert_clean_output(r)
     import ldfix
     assert ldfix.inspect(target.pid).counts().get("stale", 0) == 0, "the good process was not repaired"
-    assert r.returncode == ExitCode.PARTIAL
+    # The corrupt debug file now only costs the hostile process its DWARF source.
+    assert r.returncode == ExitCode.OK, r
 
 
-@pytest.mark.xfail(strict=True, reason=HOSTILE_DEBUG_BUG + "; the lenient CRIU hook then exits 70 and "
-                   "CRIU fails the restore")
 def test_lenient_criu_hook_survives_a_hostile_debug_file(scene: Scene, tmp_path: Path) -> None:
     corrupt_debug_file(scene)
     env = dict(os.environ, LDFIX_CACHE_DIR="", CRTOOLS_SCRIPT_ACTION="post-restore",
@@ -589,10 +584,6 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: layout.dwarf_glibc_layout hands a debug file from the target's root to pyelftools, which "
-    "inflates compressed DWARF sections without a bound (a 2.6 MB file inflating to 2 GiB cost ldfix, "
-    "root on the host, 4.2 GB of RSS and 20 s); here, under a 512 MiB RLIMIT_AS: MemoryError, exit 70"))
 def test_debug_file_decompression_bomb_is_bounded(scene: Scene) -> None:
     plant_decompression_bomb(scene, 1 << 30)
     t0 = time.monotonic()
@@ -762,8 +753,6 @@ def test_root_with_only_the_capabilities_it_needs(target: Target, libdir: Path) 
     assert_clean_output(none)
 
 
-@pytest.mark.xfail(strict=True, reason="the EPERM hint names CAP_SYS_PTRACE only; /proc/PID/map_files "
-                   "also needs CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) in the initial user namespace")
 def test_permission_hint_names_the_missing_capability(target: Target) -> None:
     r = run_cli("dump", str(target.pid), prefix=_bounded_caps("+sys_ptrace"))
     assert r.returncode == ExitCode.ACCESS

@@ -526,9 +526,7 @@ print(json.dumps([len(g) for g in got]))
 
 @pytest.mark.parametrize("fallback", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: csrc/ldfix_native.c mem_fallback passes addresses >= 2**63 to pread() as a negative "
-        "offset; EINVAL fails the whole batch (LdfixError, exit 70) instead of faulting that region"))),
+    True,
 ], ids=["process_vm_readv", "proc-pid-mem"])
 def test_wild_pointer_faults_one_region_only(fallback: bool, edge_child: tuple[subprocess.Popen[bytes], int]) -> None:
     """A kernel address among good ones (a hostile l_name) comes back empty on
@@ -553,9 +551,7 @@ print(json.dumps(memory.swap16(m, [base + 3 * P], [old], [b"N" * 16])()))
 
 @pytest.mark.parametrize("fallback", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: the /proc/PID/mem fallback (csrc/ldfix_native.c mem_fallback) writes with FOLL_FORCE "
-        "semantics, through read-only and PROT_NONE mappings that process_vm_writev refuses"))),
+    True,
 ], ids=["process_vm_writev", "proc-pid-mem"])
 def test_swap_never_writes_a_read_only_page(fallback: bool, edge_child: tuple[subprocess.Popen[bytes], int]) -> None:
     """An id that sits in a page the target cannot write is refused on either
@@ -608,9 +604,7 @@ def test_swap_with_a_faulting_id_writes_nothing(edge_child: tuple[subprocess.Pop
 
 @pytest.mark.parametrize("fallback", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: under the /proc/PID/mem fallback a kernel-address l_name fails the whole batched read "
-        "(mem_fallback: pread EINVAL for offsets >= 2**63): exit 70 instead of a clean result"))),
+    True,
 ], ids=["process_vm_readv", "proc-pid-mem"])
 def test_hostile_l_name_on_a_live_target(fallback: bool, target: Target, libdir: Path) -> None:
     """A live target whose link_map names a kernel address (as a hostile

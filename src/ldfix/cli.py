@@ -103,6 +103,10 @@ def cmd_fix(args: argparse.Namespace, check_only: bool = False) -> int:
         except LdfixError as exc:
             rep = FixReport(pid=pid, dry_run=check_only or args.dry_run, error=str(exc),
                             exit_code=exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - one process must not stop the others
+            rep = FixReport(pid=pid, dry_run=check_only or args.dry_run,
+                            error=f"pid {pid}: internal error: {type(exc).__name__}: {exc}",
+                            exit_code=ExitCode.INTERNAL)
         if check_only and rep.error is None and rep.planned:
             rep.exit_code = ExitCode.STALE
         reports.append(rep)

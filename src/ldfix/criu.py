@@ -104,6 +104,9 @@ def run_hook(env: Mapping[str, str] | None = None, err: TextIO | None = None) ->
             rep = fix(pid, stopped_by=stopped_by)
         except LdfixError as exc:
             rep = FixReport(pid=pid, error=str(exc), exit_code=exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - lenient mode must never fail the restore
+            rep = FixReport(pid=pid, error=f"pid {pid}: internal error: {type(exc).__name__}: {exc}",
+                            exit_code=70)
         reports.append(rep)
         if rep.error:
             say(f"{action}: pid {pid}: FAILED: {rep.error}")

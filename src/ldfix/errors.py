@@ -87,6 +87,7 @@ def from_oserror(exc: OSError, pid: int | None, what: str) -> LdfixError:
         return NoSuchProcess(f"{where}: no such process ({what})", pid=pid)
     if err in (_errno.EPERM, _errno.EACCES):
         return AccessDenied(
-            f"{where}: permission denied ({what}); ldfix needs root or CAP_SYS_PTRACE "
-            "and the target must not be traced by another debugger", pid=pid)
+            f"{where}: permission denied ({what}); ldfix needs root, or CAP_SYS_PTRACE plus "
+            "CAP_CHECKPOINT_RESTORE (or CAP_SYS_ADMIN) for /proc/PID/map_files, and the target "
+            "must not be traced by another debugger", pid=pid)
     return LdfixError(f"{where}: {what}: {exc.strerror or exc}", pid=pid)

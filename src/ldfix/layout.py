@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from ldfix import layouts_table as table
-from ldfix.errors import CorruptTarget
+from ldfix.errors import CorruptTarget, LdfixError
 
 log = getLogger("ldfix.layout")
 
@@ -92,34 +92,81 @@ def _member_offsets(die: object) -> dict[str, int | tuple[int, int]]:
     return out
 
 
+MAX_DEBUG_FILE = 256 << 20     # bytes of a debug file ldfix agrees to parse
+MAX_DEBUG_SECTION = 64 << 20   # bytes any DWARF section may inflate to
+
+
+def debug_file_bounded(fd: int) -> str | None:
+    """Why a debug file must not be parsed (too big, or a compressed section
+    that would inflate past MAX_DEBUG_SECTION), or None.  Debug files may
+    come from an untrusted container's root: a small file can hold a
+    decompression bomb, and pyelftools inflates sections whole."""
+    from ldfix.elf import ElfFile
+
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_DEBUG_FILE:
+            return f"debug file of {size} bytes"
+        f = ElfFile(fd, size)
+        secs = f.sections()
+        if not secs:
+            return "no section headers"
+        shstr = secs[f.ehdr.e_shstrndx] if f.ehdr.e_shstrndx < len(secs) else None
+        names = f.pread(shstr[3], min(shstr[4], 1 << 20)) if shstr else b""
+        raw = f.pread(f.ehdr.e_shoff, f.ehdr.e_shnum * 64)
+        for i, (name_off, _stype, _addr, off, sec_size, _link) in enumerate(secs):
+            flags = struct.unpack_from("<Q", raw, i * 64 + 8)[0]
+            name = names[name_off:names.find(b"\0", name_off)] if name_off < len(names) else b""
+            inflated = sec_size
+            if flags & 0x800:  # SHF_COMPRESSED: an Elf64_Chdr gives the inflated size
+                inflated = struct.unpack_from("<Q", f.pread(off, 24), 8)[0]
+            elif name.startswith(b".zdebug"):  # GNU style: "ZLIB" + 8-byte big-endian size
+                head = f.pread(off, 12)
+                inflated = int.from_bytes(head[4:12], "big") if head[:4] == b"ZLIB" else 1 << 62
+            if name.startswith((b".debug", b".zdebug")) and inflated > MAX_DEBUG_SECTION:
+                return f"section {name.decode(errors='replace')} inflates to {inflated} bytes"
+    except (LdfixError, OSError, struct.error, IndexError, ValueError) as exc:
+        return f"unreadable ({exc})"
+    return None
+
+
 def dwarf_glibc_layout(fd: int) -> GlibcLayout | None:
-    """Member offsets of struct link_map / rtld_global from a debug file."""
-    from elftools.common.exceptions import ELFError  # lazy: costly import
-    from elftools.elf.elffile import ELFFile
+    """Member offsets of struct link_map / rtld_global from a debug file.
+
+    Any failure to parse it means "no DWARF": the file may be hostile."""
+    why = debug_file_bounded(fd)
+    if why:
+        log.debug("DWARF: debug file refused: %s", why)
+        return None
+    try:
+        return _dwarf_glibc_layout(fd)
+    except Exception as exc:  # noqa: BLE001 - pyelftools on untrusted input raises anything
+        log.debug("DWARF: unreadable debug file: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _dwarf_glibc_layout(fd: int) -> GlibcLayout | None:
+    from elftools.elf.elffile import ELFFile  # lazy: costly import
 
     wanted = {b"link_map", b"rtld_global", b"link_namespaces"}
     found: dict[bytes, tuple[int, dict[str, int | tuple[int, int]]]] = {}
-    try:
-        with os.fdopen(os.dup(fd), "rb") as f:
-            elf = ELFFile(f)
-            if not elf.has_dwarf_info():
-                return None
-            dwarf = elf.get_dwarf_info(follow_links=False)
-            for i, cu in enumerate(dwarf.iter_CUs()):
-                if i > 4096:
-                    break
-                for die in cu.get_top_DIE().iter_children():
-                    if die.tag != "DW_TAG_structure_type":
-                        continue
-                    attrs = die.attributes
-                    name = attrs["DW_AT_name"].value if "DW_AT_name" in attrs else None
-                    if name in wanted and name not in found and "DW_AT_byte_size" in attrs:
-                        found[name] = (attrs["DW_AT_byte_size"].value, _member_offsets(die))
-                if b"link_map" in found and b"rtld_global" in found and b"link_namespaces" in found:
-                    break
-    except (ELFError, OSError, ValueError, KeyError, struct.error) as exc:
-        log.debug("DWARF: unreadable debug file: %s", exc)
-        return None
+    with os.fdopen(os.dup(fd), "rb") as f:
+        elf = ELFFile(f)
+        if not elf.has_dwarf_info():
+            return None
+        dwarf = elf.get_dwarf_info(follow_links=False)
+        for i, cu in enumerate(dwarf.iter_CUs()):
+            if i > 4096:
+                break
+            for die in cu.get_top_DIE().iter_children():
+                if die.tag != "DW_TAG_structure_type":
+                    continue
+                attrs = die.attributes
+                name = attrs["DW_AT_name"].value if "DW_AT_name" in attrs else None
+                if name in wanted and name not in found and "DW_AT_byte_size" in attrs:
+                    found[name] = (attrs["DW_AT_byte_size"].value, _member_offsets(die))
+            if b"link_map" in found and b"rtld_global" in found and b"link_namespaces" in found:
+                break
     if b"link_map" not in found:
         return None
     lm = found[b"link_map"][1]

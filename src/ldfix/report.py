@@ -117,7 +117,8 @@ def fix_json(rep: Any) -> dict[str, Any]:
 
 def fix_text(rep: Any) -> str:
     if rep.error:
-        return f"pid {rep.pid}: FAILED: {rep.error}"
+        # Errors name their pid already.
+        return rep.error if rep.error.startswith(f"pid {rep.pid}") else f"pid {rep.pid}: {rep.error}"
     rows = rep.planned if rep.dry_run else rep.rewritten
     verb = "would rewrite" if rep.dry_run else "rewrote"
     head = f"pid {rep.pid}: {verb} {len(rows)} id(s)"
