@@ -121,7 +121,7 @@ class Results:
     def goal(self, name: str, what: str, measured: float, reference: float, bound: float, unit: str = "ms") -> None:
         ratio = measured / reference if reference else float("inf")
         ok = measured <= bound
-        fmt = (lambda v: f"{v * 1000:.1f} ms") if unit == "ms" else (lambda v: f"{v:.0f} {unit}")
+        fmt = (lambda v: f"{v * 1000:.1f} ms") if unit == "ms" else (lambda v: f"{v:.1f} {unit}")
         self.rows.append((name, what, fmt(measured), f"{fmt(reference)} (bound {fmt(bound)})",
                           f"{ratio:.2f}  {'PASS' if ok else 'FAIL'}"))
         print("  ".join(self.rows[-1]), flush=True)  # progress; the table follows at the end
@@ -222,7 +222,8 @@ def main() -> int:
             py_pass = reference([PY, "-c", "pass"], runs)
             res.goal("G6", "hook, acting stage on W1 vs python -c pass", median(act), py_pass, 3 * py_pass)
         if want("G4"):
-            per = {}
+            per: dict[int, float] = {}
+            syscalls: dict[int, int] = {}
             for n in (10, 100, 1000, 5000):
                 libs = libs1000 if n == 1000 else Libs.make(work, fx.lib, n)
                 t = w1 if n == 1000 else Target([str(fx.target)], timeout=300)
@@ -234,15 +235,18 @@ def main() -> int:
                 libs.restale()
                 sc = subprocess.run(["strace", "-f", "-c", "-o", str(work / f"strace{n}.txt"), *LDFIX,
                                      "fix", str(t.pid)], capture_output=True, text=True)
-                total = _strace_total(work / f"strace{n}.txt")
+                total = syscalls[n] = _strace_total(work / f"strace{n}.txt")
                 res.notes.append(f"W2 n={n}: fix {per[n] * 1000:.1f} ms, {per[n] / n * 1e6:.1f} us/lib, "
                                  f"{total} syscalls ({total / n:.2f}/lib)")
                 print("  " + res.notes[-1], flush=True)
                 if t is not w1:
                     t.kill()
                     targets.remove(t)
-            res.goal("G4", "time/lib at 5000 vs at 1000", per[5000] / 5000, per[1000] / 1000,
-                     1.3 * per[1000] / 1000)
+            res.goal("G4", "time/lib at 5000 vs at 1000 (us)", per[5000] / 5000 * 1e6, per[1000] / 1000 * 1e6,
+                     1.3 * per[1000] / 1000 * 1e6, "us")
+            marg = [(syscalls[b] - syscalls[a]) / (b - a) for a, b in ((10, 100), (100, 1000), (1000, 5000))]
+            res.notes.append("W2 marginal syscalls per library (10->100, 100->1000, 1000->5000): "
+                             + ", ".join(f"{m:.2f}" for m in marg))
         if want("G5"):
             root = Target([str(fx.target)], timeout=120)
             targets.append(root)

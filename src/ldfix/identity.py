@@ -100,15 +100,6 @@ class RootView:
                               else f"cannot resolve: {os.strerror(exc.errno or 0)}",
                               missing=True) from None
 
-    def current_id(self, name: bytes) -> FileId:
-        """(st_dev, st_ino) of `name` as the target would open it: only a lookup and fstat."""
-        pfd = self._open_path(name)
-        try:
-            st = os.fstat(pfd)
-        finally:
-            os.close(pfd)
-        return FileId(st.st_dev, st.st_ino)
-
     def probe(self, name: bytes, stored: FileId) -> tuple[FileId, FileFacts | None]:
         """The current id of `name`; its facts too, but only when the id is not
         `stored` (one lookup; the file is opened and read only then)."""
@@ -139,18 +130,9 @@ class RootView:
         pfd = self._open_path(name)
         try:
             st = os.fstat(pfd)
-            try:
-                fd = native.open_regular(pfd)
-            except OSError as exc:
-                reason = {errno.EINVAL: "not a regular file",
-                          errno.EXDEV: "on procfs or sysfs"}.get(exc.errno or 0, os.strerror(exc.errno or 0))
-                raise FileProblem(reason, missing=True) from None
+            return self._facts_at(pfd, FileId(st.st_dev, st.st_ino), st.st_size)
         finally:
             os.close(pfd)
-        try:
-            return file_facts(fd, FileId(st.st_dev, st.st_ino), st.st_size)
-        finally:
-            os.close(fd)
 
 
 def file_facts(fd: int, fid: FileId, size: int) -> FileFacts:

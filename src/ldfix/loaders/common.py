@@ -59,6 +59,18 @@ def classify(mem: Memory, root: RootView, objects: list[LoadedObject],
             o.status, o.reason = Status.CHANGED, how
 
 
+def phnum_mismatches(mem: Memory, items: list[tuple[str, int, int]]) -> list[str]:
+    """For each (label, start of the mapped image, program header count the
+    loader recorded): a problem unless an ELF header with that e_phnum is
+    mapped there.  One batched read."""
+    problems = []
+    raws = mem.read_many([(start, 64) for _, start, _ in items])
+    for (label, _start, phnum), raw in zip(items, raws):
+        if len(raw) < 64 or raw[:4] != b"\x7fELF" or int.from_bytes(raw[56:58], "little") != phnum:
+            problems.append(f"{label}: the program header count does not match the mapped ELF header")
+    return problems
+
+
 NAME_LIMIT = 4096
 NAME_FIRST = 256
 TRUNCATED = b"...(truncated)"  # marks a name that was not read whole: never resolved

@@ -17,7 +17,7 @@ from ldfix.identity import RootView
 from ldfix.layout import (GlibcLayout, debug_file_candidates, dwarf_glibc_layout_cached,
                           layout_from_row, structure_scan, with_source)
 from ldfix.loaders.base import Analysis, BusyField, busy_reason
-from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, read_names
+from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, phnum_mismatches, read_names
 from ldfix.memory import (USER_TOP, WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE,
                           Memory, Reachable, read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
@@ -200,10 +200,13 @@ class GlibcBackend:
         return None, f"no debug file for build-id {bid.hex()}"
 
     def decide_layout(self, root: RootView, ordinary: list[RawMap]) -> tuple[GlibcLayout | None, str]:
-        k = structure_scan([(m.addr, m.raw) for m in ordinary])
         dw, dw_note = self._dwarf(root)
         row = table.glibc_row(self.version, self.arch)
         rrow = table.rtld_row(self.version, self.arch)
+        # With DWARF, the cross-check verifies the l_local_scope signature at
+        # DWARF's offset on every map: scanning for it would say nothing more.
+        k = structure_scan([(m.addr, m.raw) for m in ordinary]) \
+            if dw is None or dw.l_local_scope is None else None
         if dw is not None:
             if k is not None and dw.l_local_scope is not None and k != dw.l_local_scope:
                 return None, (f"DWARF ({dw_note}) puts l_local_scope at {dw.l_local_scope} but the "
@@ -389,11 +392,7 @@ class GlibcBackend:
                         problems.append(f"{where}: l_local_scope signature does not hold")
         if len(set(ns_ids.values())) != len(ns_ids):
             problems.append("two lists claim the same namespace")
-        if headers:
-            raws = view.mem.read_many([(start, 64) for _, start, _ in headers])
-            for (addr, _start, phnum), raw in zip(headers, raws):
-                if len(raw) < 64 or raw[:4] != b"\x7fELF" or struct.unpack_from("<H", raw, 56)[0] != phnum:
-                    problems.append(f"link_map 0x{addr:x}: l_phnum does not match the mapped ELF header")
+        problems += phnum_mismatches(view.mem, [(f"link_map 0x{a:x}", s, n) for a, s, n in headers])
         return problems
 
     def _busy_fields(self, layout: GlibcLayout, lists: list[NamespaceList]) -> list[BusyField]:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from ldfix.identity import RootView
 from ldfix.loaders.base import Analysis, BusyField
-from ldfix.loaders.common import IdSlot, classify, read_names
+from ldfix.loaders.common import IdSlot, classify, phnum_mismatches, read_names
 from ldfix.memory import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE, Memory,
                           Reachable, read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
@@ -199,9 +199,5 @@ class MuslBackend:
                 heads.append((o, mstart, int.from_bytes(raw[PHNUM:PHNUM + 2], "little")))
             elif not stored.is_zero:
                 problems.append(f"{where}: stored id is not zero")
-        if heads:
-            raws = view.mem.read_many([(s, 64) for _, s, _ in heads])
-            for (o, _s, phnum), raw in zip(heads, raws):
-                if len(raw) < 64 or raw[:4] != b"\x7fELF" or struct.unpack_from("<H", raw, 56)[0] != phnum:
-                    problems.append(f"dso 0x{o.address:x}: phnum does not match the mapped ELF header")
+        problems += phnum_mismatches(view.mem, [(f"dso 0x{o.address:x}", s, n) for o, s, n in heads])
         return problems
