@@ -123,7 +123,12 @@ class ElfFile:
         if self.ehdr.e_phentsize not in (0, PHDR_SIZE):
             raise CorruptTarget("unexpected program header size")
         self.phdr_bytes = self.pread(self.ehdr.e_phoff, self.ehdr.e_phnum * PHDR_SIZE)
-        self.phdrs = parse_phdrs(self.phdr_bytes, self.ehdr.e_phnum)
+        if self.ehdr.e_phnum > MAX_PHNUM:
+            raise CorruptTarget(f"program headers: {self.ehdr.e_phnum} entries")
+
+    @property
+    def phdrs(self) -> list[Phdr]:
+        return parse_phdrs(self.phdr_bytes, self.ehdr.e_phnum)
 
     HEAD = 8192
 
@@ -137,8 +142,10 @@ class ElfFile:
             raise CorruptTarget("short read from ELF file")
         return data
 
-    def build_id(self) -> bytes | None:
-        notes, _ = notes_and_first_load(self.phdr_bytes, self.ehdr.e_phnum)
+    def build_id(self, notes: list[tuple[int, int, int]] | None = None) -> bytes | None:
+        """The GNU build-id from any PT_NOTE (`notes` from notes_and_first_load, if known)."""
+        if notes is None:
+            notes, _ = notes_and_first_load(self.phdr_bytes, self.ehdr.e_phnum)
         for off, _vaddr, size in notes:
             bid = build_id_from_notes(self.pread(off, size))
             if bid:

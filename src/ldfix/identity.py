@@ -138,9 +138,9 @@ class RootView:
 def file_facts(fd: int, fid: FileId, size: int) -> FileFacts:
     try:
         f = elf.ElfFile(fd, size)
-        _, first = notes_and_first_load(f.phdr_bytes, f.ehdr.e_phnum)
+        notes, first = notes_and_first_load(f.phdr_bytes, f.ehdr.e_phnum)
         first_page = f.pread(0, min(4096, first[1], size)) if first and first[0] == 0 else b""
-        return FileFacts(fid, size, f.build_id(), f.header_bytes + f.phdr_bytes, first_page)
+        return FileFacts(fid, size, f.build_id(notes), f.header_bytes + f.phdr_bytes, first_page)
     except (LdfixError, OSError):
         return FileFacts(fid, size, None, b"", b"")
 

@@ -33,10 +33,11 @@ def vm_read(pid: int, memfd: int, regions: Sequence[tuple[int, int]]) -> list[by
     done = ffi.new("int64_t[]", n)
     _check(lib.ldfix_vm_read(pid, memfd, n, addrs, lens, buf, done), "process_vm_readv")
     raw = ffi.buffer(buf, total)[:]
+    got = ffi.unpack(done, n)
     out: list[bytes] = []
     off = 0
-    for i, (_, size) in enumerate(regions):
-        out.append(raw[off:off + done[i]])
+    for (_, size), d in zip(regions, got):
+        out.append(raw[off:off + d])
         off += size
     return out
 
@@ -52,7 +53,7 @@ def vm_write(pid: int, memfd: int, regions: Sequence[tuple[int, bytes]]) -> list
     buf = ffi.new("unsigned char[]", data or b"\0")
     done = ffi.new("int64_t[]", n)
     _check(lib.ldfix_vm_write(pid, memfd, n, addrs, lens, buf, done), "process_vm_writev")
-    return [done[i] for i in range(n)]
+    return list(ffi.unpack(done, n))
 
 
 def open_in_root(rootfd: int, path: bytes) -> int:
