@@ -175,3 +175,28 @@ def test_system_library_with_two_note_segments_is_stale_not_changed(target: Targ
     (obj,) = [o for o in ldfix.inspect(target.pid).objects if o.display_name == str(lib)]
     assert obj.status is Status.STALE, obj.reason
     assert "build-id" in obj.reason
+
+
+def test_calibration_probe_without_dwarf_or_table(fx: Fixtures, tmp_path: Path) -> None:
+    """No DWARF, no table row: the stat calibration on the target's own
+    unchanged libraries, agreeing with the structure, decides the layout."""
+    import shutil
+    a, b = tmp_path / "a.so", tmp_path / "b.so"
+    shutil.copy2(fx.lib, a)
+    shutil.copy2(fx.lib, b)
+    with Target([str(fx.target)]) as t:
+        t.open(a)
+        t.open(b)
+        replace_with_copy(a)
+        ins = ldfix.inspect(t.pid, debug_dirs=[], sources=["structure", "probe"])
+        assert ins.loader.layout_source == "structure+probe", ins.loader.layout_error
+        got = {o.display_name: o.status for o in ins.objects}
+        assert got[str(a)] is Status.STALE and got[str(b)] is Status.OK
+        # The same answer as the table's: the offset is the one glibc 2.36 uses.
+        full = ldfix.inspect(t.pid, debug_dirs=[])
+        assert [(o.display_name, o.status, o.id_address) for o in full.objects] == \
+            [(o.display_name, o.status, o.id_address) for o in ins.objects]
+        # The structure alone never decides: nothing is verified, ids unknown.
+        alone = ldfix.inspect(t.pid, debug_dirs=[], sources=["structure"])
+        assert alone.loader.layout_source is None and alone.loader.layout_error
+        assert {o.status for o in alone.objects} == {Status.UNKNOWN}

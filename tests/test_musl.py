@@ -147,3 +147,25 @@ def test_mixed_tree(parent_libc: str, fx: Fixtures, fx_musl: Fixtures, tmp_path:
                 assert tgt.open(alias).handle == first.handle
         finally:
             child.kill()
+
+
+def test_musl_calibration_probe_without_table(fx_musl: Fixtures, tmp_path: Path) -> None:
+    libs = [tmp_path / f"lib{i}.so" for i in range(3)]
+    for p in libs:
+        shutil.copy2(fx_musl.lib, p)
+    with Target([str(fx_musl.target)]) as t:
+        for p in libs:
+            t.open(p)
+        replace_with_copy(libs[0])
+        ins = ldfix.inspect(t.pid, sources=["structure", "probe"])
+        assert ins.loader.layout_source == "structure+probe", ins.loader.layout_error
+        got = {o.display_name: o.status for o in ins.objects}
+        assert got[str(libs[0])] is Status.STALE
+        assert got[str(libs[1])] is Status.OK and got[str(libs[2])] is Status.OK
+        rep = ldfix.fix(t.pid, options=ldfix_options(["structure", "probe"]))
+        assert [r.name for r in rep.rewritten] == [os.fsencode(libs[0])]
+
+
+def ldfix_options(sources: list[str]):  # type: ignore[no-untyped-def]
+    from ldfix.api import Options
+    return Options(sources=frozenset(sources))

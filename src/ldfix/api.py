@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from ldfix.errors import CorruptTarget, LdfixError, NoSuchProcess, UnsupportedTarget, from_oserror
 from ldfix.identity import RootView
-from ldfix.layout import DEFAULT_DEBUG_DIRS
+from ldfix.layout import ALL_SOURCES, DEFAULT_DEBUG_DIRS
 from ldfix.loaders.base import Analysis
 from ldfix.memory import ProcessMemory
 from ldfix.model import Inspection
@@ -25,13 +25,15 @@ class Options(NamedTuple):
     """Knobs shared by inspect and fix."""
 
     debug_dirs: Sequence[str] = DEFAULT_DEBUG_DIRS
+    sources: frozenset[str] = ALL_SOURCES   # layout sources allowed (diagnosis, tests)
 
     @classmethod
     def from_env(cls) -> Options:
         raw = os.environ.get("LDFIX_DEBUG_DIRS")
-        if raw is None:
-            return cls()
-        return cls(debug_dirs=tuple(d for d in raw.split(":") if d))
+        dirs = DEFAULT_DEBUG_DIRS if raw is None else tuple(d for d in raw.split(":") if d)
+        src = os.environ.get("LDFIX_LAYOUT_SOURCES")
+        sources = ALL_SOURCES if src is None else frozenset(s for s in src.split(",") if s) & ALL_SOURCES
+        return cls(debug_dirs=dirs, sources=sources)
 
 
 class Session(NamedTuple):
@@ -54,10 +56,10 @@ def _backend(view: TargetView, arch: str, options: Options):  # type: ignore[no-
         raise UnsupportedTarget(f"pid {view.proc.pid}: no dynamic loader mapped", pid=view.proc.pid)
     if interp.symbol(b"_rtld_global") is not None:
         from ldfix.loaders.glibc import GlibcBackend
-        return GlibcBackend(view, arch, options.debug_dirs)
+        return GlibcBackend(view, arch, options.debug_dirs, options.sources)
     if interp.symbol(b"_dl_debug_addr") is not None:
         from ldfix.loaders.musl import MuslBackend
-        return MuslBackend(view, arch, options.debug_dirs)
+        return MuslBackend(view, arch, options.debug_dirs, options.sources)
     raise UnsupportedTarget(f"pid {view.proc.pid}: unknown dynamic loader "
                             f"{interp.path.decode(errors='backslashreplace')}", pid=view.proc.pid)
 
@@ -97,9 +99,17 @@ def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
         mem.close()
 
 
-def inspect(pid: int, *, debug_dirs: Sequence[str] | None = None) -> Inspection:
-    """Every loaded object of process `pid`, with stored and current ids and a status."""
-    options = Options(debug_dirs=tuple(debug_dirs)) if debug_dirs is not None else None
+def inspect(pid: int, *, debug_dirs: Sequence[str] | None = None,
+            sources: Sequence[str] | None = None) -> Inspection:
+    """Every loaded object of process `pid`, with stored and current ids and a status.
+
+    `debug_dirs` replaces the debug-file search path ([] disables DWARF);
+    `sources` restricts the layout sources ("dwarf", "structure", "table", "probe")."""
+    options = None
+    if debug_dirs is not None or sources is not None:
+        env = Options.from_env()
+        options = Options(debug_dirs=tuple(debug_dirs) if debug_dirs is not None else env.debug_dirs,
+                          sources=frozenset(sources) & ALL_SOURCES if sources is not None else env.sources)
     delay = 0.001
     for _ in range(INSPECT_ATTEMPTS):
         with open_session(pid, options) as s:

@@ -100,14 +100,15 @@ class RootView:
                               else f"cannot resolve: {os.strerror(exc.errno or 0)}",
                               missing=True) from None
 
-    def probe(self, name: bytes, stored: FileId) -> tuple[FileId, FileFacts | None]:
+    def probe(self, name: bytes, stored: FileId | None) -> tuple[FileId, FileFacts | None]:
         """The current id of `name`; its facts too, but only when the id is not
-        `stored` (one lookup; the file is opened and read only then)."""
+        `stored` (one lookup; the file is opened and read only then; never
+        with stored=None)."""
         pfd = self._open_path(name)
         try:
             st = os.fstat(pfd)
             fid = FileId(st.st_dev, st.st_ino)
-            if fid == stored:
+            if stored is None or fid == stored:
                 return fid, None
             return fid, self._facts_at(pfd, fid, st.st_size)
         finally:

@@ -291,6 +291,41 @@ def structure_scan(maps: Sequence[tuple[int, bytes]], lo: int = 560, hi: int = 1
     return None
 
 
+ALL_SOURCES = frozenset({"dwarf", "structure", "table", "probe"})
+
+
+def probe_scan(maps: Sequence[tuple[bytes, bytes]], zero: Sequence[bytes], lo: int, hi: int) -> int | None:
+    """Stat calibration on the target itself: the offset at which maps hold the
+    16 bytes (st_dev, st_ino) their file has now.
+
+    `maps` pairs each library's raw struct with its file's current id packed;
+    the libraries a restore did not touch (or all of them, before a
+    checkpoint) match there, the others nowhere.  Trusted only with at least
+    two matching maps of distinct ids, one common offset, and zeros at that
+    offset in every raw struct of `zero` (program, loader, vdso)."""
+    common: set[int] | None = None
+    ids = set()
+    for raw, fid in maps:
+        hits = set()
+        start = raw.find(fid, lo)
+        while 0 <= start <= hi:
+            if start % 8 == 0:
+                hits.add(start)
+            start = raw.find(fid, start + 1)
+        if not hits:
+            continue  # this file has another id now (restored): says nothing
+        ids.add(fid)
+        common = hits if common is None else common & hits
+        if not common:
+            return None
+    if common is None or len(ids) < 2 or len(common) != 1:
+        return None
+    off = common.pop()
+    if any(raw[off:off + 16] != bytes(16) for raw in zero if len(raw) >= off + 16):
+        return None
+    return off
+
+
 def with_source(layout: GlibcLayout, source: str) -> GlibcLayout:
     return layout._replace(source=source)
 

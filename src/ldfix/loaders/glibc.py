@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ldfix import layouts_table as table
-from ldfix.identity import RootView
-from ldfix.layout import (GlibcLayout, debug_file_candidates, dwarf_glibc_layout_cached,
-                          layout_from_row, structure_scan, with_source)
+from ldfix.identity import FileProblem, RootView
+from ldfix.layout import (ALL_SOURCES, GlibcLayout, debug_file_candidates, dwarf_glibc_layout_cached,
+                          layout_from_row, probe_scan, structure_scan, with_source)
 from ldfix.loaders.base import Analysis, BusyField, busy_reason
 from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, phnum_mismatches, read_names
 from ldfix.memory import (USER_TOP, WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE,
@@ -151,10 +151,13 @@ def find_namespaces(mem: Memory, r_debug: int, rtld_global: int | None,
 class GlibcBackend:
     kind = "glibc"
 
-    def __init__(self, view: TargetView, arch: str, debug_dirs: Sequence[str]) -> None:
+    def __init__(self, view: TargetView, arch: str, debug_dirs: Sequence[str],
+                 sources: frozenset[str] = ALL_SOURCES) -> None:
         self.view = view
         self.arch = arch
-        self.debug_dirs = list(debug_dirs)
+        self.debug_dirs = list(debug_dirs) if "dwarf" in sources else []
+        self.sources = sources
+        self._names: dict[int, bytes] = {}
         self.warnings: list[str] = []
         interp = view.interp
         self.version = None
@@ -199,10 +202,13 @@ class GlibcBackend:
                     os.close(fd)
         return None, f"no debug file for build-id {bid.hex()}"
 
-    def decide_layout(self, root: RootView, ordinary: list[RawMap]) -> tuple[GlibcLayout | None, str]:
+    def decide_layout(self, root: RootView, ordinary: list[RawMap],
+                      fixed: list[RawMap] | None = None) -> tuple[GlibcLayout | None, str]:
+        """`ordinary`: maps with the l_local_scope signature; `fixed`: the maps
+        that must hold zeros at the id (program, loader, vdso)."""
         dw, dw_note = self._dwarf(root)
-        row = table.glibc_row(self.version, self.arch)
-        rrow = table.rtld_row(self.version, self.arch)
+        row = table.glibc_row(self.version, self.arch) if "table" in self.sources else None
+        rrow = table.rtld_row(self.version, self.arch) if "table" in self.sources else None
         # With DWARF, the cross-check verifies the l_local_scope signature at
         # DWARF's offset on every map: scanning for it would say nothing more.
         k = structure_scan([(m.addr, m.raw) for m in ordinary]) \
@@ -225,7 +231,26 @@ class GlibcBackend:
                 return with_source(layout_from_row(row, rrow), "structure+table"), ""
             reasons.append(f"structure puts l_local_scope at {k}, the table for glibc "
                            f"{self.version} at {row.l_local_scope} (a patched build?)")
+        if k is not None and "probe" in self.sources:
+            off = self._probe(root, ordinary, fixed or [])
+            if off is not None and off == k + 16:
+                return GlibcLayout(file_id=off, source="structure+probe", l_local_scope=k), ""
+            reasons.append("probe: " + ("no two unchanged libraries hold their file's id at one offset"
+                                        if off is None else f"ids found at {off}, structure says {k + 16}"))
         return None, "; ".join(reasons)
+
+    def _probe(self, root: RootView, ordinary: list[RawMap], fixed: list[RawMap]) -> int | None:
+        """Stat calibration on the target itself (libraries whose files kept their id)."""
+        pairs = []
+        for m in ordinary[1:]:  # the program's own id is never set
+            name = self._names.get(m.addr, b"")
+            try:
+                fid = root.probe(name, None)[0] if name else None
+            except FileProblem:
+                fid = None
+            if fid is not None:
+                pairs.append((m.raw, fid.pack()))
+        return probe_scan(pairs, [m.raw for m in fixed], 560, WINDOW - 16)
 
     # -- analysis -------------------------------------------------------------
     def analyse(self, root: RootView) -> Analysis:
@@ -250,7 +275,7 @@ class GlibcBackend:
                 partial = True
             lists.append(NamespaceList(hint, dbg, maps))
         all_maps = [m for lst in lists for m in lst.maps]
-        names = _read_names(mem, all_maps)
+        names = self._names = _read_names(mem, all_maps)
 
         vdso = view.special(b"[vdso]")
 
@@ -282,7 +307,8 @@ class GlibcBackend:
                 objects.append(LoadedObject(namespace=ns, name=name, role=r, address=m.addr,
                                             base=m.l_addr))
         ordinary = [m for m in all_maps if roles[m.addr] in ("main", "library")]
-        layout, why = self.decide_layout(root, ordinary)
+        fixed = [m for m in all_maps if roles[m.addr] in ("loader", "vdso")]
+        layout, why = self.decide_layout(root, ordinary, fixed)
         busy: list[BusyField] = []
         candidate = layout or pre
         if layout is None:
@@ -304,6 +330,9 @@ class GlibcBackend:
                 m = by_addr[o.address]
                 if layout.l_map_start is not None and layout.l_map_end is not None:
                     o.map_start, o.map_end = m.word(layout.l_map_start), m.word(layout.l_map_end)
+                elif m.l_ld:
+                    # No l_map_start in this layout: the lowest mapping of the file holding l_ld.
+                    o.map_start = view.file_start(m.l_ld)
                 removed = layout.l_removed is not None and \
                     bool(m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1)
                 slots[o.address] = IdSlot(FileId.unpack(m.raw[layout.file_id:layout.file_id + 16]),

@@ -16,7 +16,8 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ldfix.identity import RootView
+from ldfix.identity import FileProblem, RootView
+from ldfix.layout import ALL_SOURCES, probe_scan
 from ldfix.loaders.base import Analysis, BusyField
 from ldfix.loaders.common import IdSlot, classify, phnum_mismatches, read_names
 from ldfix.memory import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE, Memory,
@@ -75,7 +76,9 @@ def structure_map_offset(dsos: Sequence[Dso], starts: dict[int, int]) -> int | N
 class MuslBackend:
     kind = "musl"
 
-    def __init__(self, view: TargetView, arch: str, debug_dirs: Sequence[str]) -> None:
+    def __init__(self, view: TargetView, arch: str, debug_dirs: Sequence[str],
+                 sources: frozenset[str] = ALL_SOURCES) -> None:
+        self.sources = sources
         self.view = view
         self.arch = arch
         self.warnings: list[str] = []
@@ -136,12 +139,31 @@ class MuslBackend:
         if not libs:
             # Nothing musl would ever compare or write: only zero ids exist.
             layout_dev, info.layout_source = TABLE_DEV, "table (no library to verify)"
-        elif k == TABLE_MAP:
+        elif k == TABLE_MAP and "table" in self.sources:
             layout_dev, info.layout_source = TABLE_DEV, "structure+table"
         else:
-            info.layout_error = (f"structure: `map` found at {k}, the table ({TABLE_VERSIONS}) says "
-                                 f"{TABLE_MAP}" if k is not None else
-                                 "structure: no `map` offset common to every library")
+            why = (f"structure: `map` found at {k}, the table ({TABLE_VERSIONS}) says {TABLE_MAP}"
+                   if k is not None and "table" in self.sources else
+                   "structure: no `map` offset common to every library" if k is None else "table not used")
+            # dev and ino follow map and map_len: a stat calibration on the
+            # libraries whose files kept their id must find dev right there.
+            off = None
+            if k is not None and "probe" in self.sources:
+                pairs = []
+                for o in objects:
+                    if o.role != "library" or not o.name:
+                        continue
+                    try:
+                        pairs.append((by_addr[o.address].raw, root.probe(o.name, None)[0].pack()))
+                    except FileProblem:
+                        continue
+                fixed = [by_addr[o.address].raw for o in objects if o.role in ("main", "loader", "vdso")]
+                off = probe_scan(pairs, fixed, 64, WINDOW - 16)
+            if off is not None and off == k + 16:
+                layout_dev, info.layout_source = off, "structure+probe"
+            else:
+                info.layout_error = why + ("; probe: no two unchanged libraries hold their file's id "
+                                           "at one offset" if off is None else f"; probe: ids at {off}")
         if layout_dev is not None:
             problems = self._cross_check(objects, by_addr, layout_dev)
             if problems:
