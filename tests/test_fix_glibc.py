@@ -267,3 +267,33 @@ def test_exit_codes(target: Target) -> None:
         finally:
             sleeper.kill()
     assert Status.STALE.value == "stale"
+
+
+def test_an_id_changed_between_plan_and_write_is_not_overwritten(fx: Fixtures, tmp_path: Path) -> None:
+    """Another writer changes an id after planning: under the freeze the swap
+    sees it and writes nothing at all (fix() then plans again)."""
+    from ldfix.api import open_session
+    from ldfix.repair import Prepared, _plan
+    libs = [tmp_path / f"lib{i}.so" for i in range(3)]
+    for p in libs:
+        shutil.copy2(fx.lib, p)
+    with Target([str(fx.target)]) as t:
+        for p in libs:
+            t.open(p)
+        for p in libs:
+            replace_with_copy(p)
+        with open_session(t.pid) as s:
+            plan, _ = _plan(s)
+            assert len(plan) == 3
+            prep = Prepared.of(s, plan)
+            with open(f"/proc/{t.pid}/mem", "r+b", buffering=0) as mem:
+                mem.seek(plan[1].address)
+                mem.write(b"\x11" * 16)  # someone else's write, after planning
+                outcome, i = prep.swap()
+                assert (outcome, i) == ("changed", 1)
+                for k, rw in enumerate(plan):
+                    mem.seek(rw.address)
+                    assert mem.read(16) == (b"\x11" * 16 if k == 1 else rw.old.pack()), "something was written"
+        # The next run plans again from what is there now and repairs all three.
+        rep = ldfix.fix(t.pid)
+        assert len(rep.rewritten) == 3
