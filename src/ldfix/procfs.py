@@ -89,8 +89,10 @@ class Process:
     def auxv(self) -> dict[int, int]:
         raw = self._read("auxv")
         if not raw:
-            raise UnsupportedTarget(f"pid {self.pid}: no auxiliary vector (kernel thread or exiting)",
-                                    pid=self.pid)
+            # Kernel threads were refused already (Kthread): a user process
+            # without an auxv has let go of its memory, it is exiting.
+            raise NoSuchProcess(f"pid {self.pid}: exited during the run (no auxiliary vector)",
+                                pid=self.pid)
         out: dict[int, int] = {}
         for i in range(0, len(raw) - 15, 16):
             key, val = struct.unpack_from("<QQ", raw, i)

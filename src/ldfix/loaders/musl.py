@@ -75,6 +75,7 @@ def structure_map_offset(dsos: Sequence[Dso], starts: dict[int, int]) -> int | N
 
 class MuslBackend:
     kind = "musl"
+    sources: frozenset[str] = ALL_SOURCES
 
     def __init__(self, view: TargetView, arch: str, debug_dirs: Sequence[str],
                  sources: frozenset[str] = ALL_SOURCES) -> None:
@@ -159,7 +160,7 @@ class MuslBackend:
                         continue
                 fixed = [by_addr[o.address].raw for o in objects if o.role in ("main", "loader", "vdso")]
                 off = probe_scan(pairs, fixed, 64, WINDOW - 16)
-            if off is not None and off == k + 16:
+            if off is not None and k is not None and off == k + 16:
                 layout_dev, info.layout_source = off, "structure+probe"
             else:
                 info.layout_error = why + ("; probe: no two unchanged libraries hold their file's id "
