@@ -233,7 +233,7 @@ def main() -> int:
                 times, _ = fix_runs(t.pid, libs, runs)
                 per[n] = median(times)
                 libs.restale()
-                sc = subprocess.run(["strace", "-f", "-c", "-o", str(work / f"strace{n}.txt"), *LDFIX,
+                subprocess.run(["strace", "-f", "-c", "-o", str(work / f"strace{n}.txt"), *LDFIX,
                                      "fix", str(t.pid)], capture_output=True, text=True)
                 total = syscalls[n] = _strace_total(work / f"strace{n}.txt")
                 res.notes.append(f"W2 n={n}: fix {per[n] * 1000:.1f} ms, {per[n] / n * 1e6:.1f} us/lib, "

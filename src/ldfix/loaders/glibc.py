@@ -17,8 +17,8 @@ from ldfix.identity import FileProblem, RootView
 from ldfix.layout import (ALL_SOURCES, GlibcLayout, debug_file_candidates, dwarf_glibc_layout_cached,
                           layout_from_row, probe_scan, structure_scan, with_source)
 from ldfix.loaders.base import Analysis, BusyField, busy_reason
-from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, phnum_mismatches, read_names
-from ldfix.memory import (USER_TOP, WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE,
+from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, phnum_mismatches, read_names  # noqa: F401  (NAME_LIMIT: re-exported)
+from ldfix.memory import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE,
                           Memory, Reachable, read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
 from ldfix.target import TargetView
