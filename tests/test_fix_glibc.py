@@ -259,14 +259,25 @@ def test_exit_codes(target: Target) -> None:
     assert r.stderr.count("ldfix: error:") == 1 and "Traceback" not in r.stderr
     assert run_ldfix("fix", "notapid").returncode == ExitCode.USAGE
     assert run_ldfix("bogus").returncode == ExitCode.USAGE
-    static = shutil.which("busybox") or shutil.which("ldconfig")  # ldconfig is static on Debian
-    assert static
-    with subprocess.Popen(["sleep", "30"]) as sleeper:
+    assert run_ldfix("fix", "2").returncode == ExitCode.UNSUPPORTED  # kthreadd: a kernel thread
+
+
+def test_static_binary_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "s.c"
+    src.write_text("#include <unistd.h>\nint main(void) { pause(); return 0; }\n")
+    exe = tmp_path / "static-sleeper"
+    r = subprocess.run(["gcc", "-static", "-o", str(exe), str(src)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot link a static program: {r.stderr.strip()[:200]}")
+    with subprocess.Popen([str(exe)]) as p:
         try:
-            assert run_ldfix("fix", "2").returncode == ExitCode.UNSUPPORTED  # kthreadd
+            time.sleep(0.05)
+            for cmd in ("dump", "fix", "check"):
+                res = run_ldfix(cmd, str(p.pid))
+                assert res.returncode == ExitCode.UNSUPPORTED, (cmd, res.stderr)
+                assert res.stderr.count("\n") == 1 and "static binary" in res.stderr
         finally:
-            sleeper.kill()
-    assert Status.STALE.value == "stale"
+            p.kill()
 
 
 def test_an_id_changed_between_plan_and_write_is_not_overwritten(fx: Fixtures, tmp_path: Path) -> None:
