@@ -440,3 +440,29 @@ class _CriuPeer(Target):
                 os.close(fd)
             except OSError:
                 pass
+
+
+def test_hook_on_a_container_with_another_glibc(box: Chroot, tmp_path: Path) -> None:
+    """A 'container': its own mount namespace and root (Debian 13, glibc 2.41) on a
+    host with glibc 2.36; the restore gives its library directory a fresh tmpfs."""
+    t = box.start(tmpfs_libdir="mnt")
+    lib = box.lib("mnt")
+    first = t.open(lib)
+    host_dir = box.host_dir / "mnt"
+    remount_fresh_tmpfs(t.pid, host_dir, [box.fx.lib])
+    subprocess.run(["nsenter", "-t", str(t.pid), "-m", "ln", "-s", box.fx.lib.name,
+                    str(host_dir / "alias.so")], check=True)
+    report = tmp_path / "report.json"
+    os.kill(t.pid, signal.SIGSTOP)  # as CRIU holds it at post-restore
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LDFIX_", "CRTOOLS_"))}
+        env.update(CRTOOLS_SCRIPT_ACTION="post-restore", CRTOOLS_INIT_PID=str(t.pid),
+                   LDFIX_CRIU_REPORT=str(report), LDFIX_CRIU_CONFIG=str(tmp_path / "none.conf"))
+        r = subprocess.run([str(HOOK)], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
+    assert r.returncode == 0, r.stderr
+    (proc,) = json.loads(report.read_text())["processes"]
+    assert proc["loader"]["version"] == "2.41" and [w["name"] for w in proc["rewritten"]] == [lib]
+    again = t.open(f"{box.inner}/mnt/alias.so")
+    assert again.handle == first.handle and again.ctors == 1
