@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FifoTarget, Fixtures, Opened, Target, remount_fresh_tmpfs, replace_with_copy
+from helpers import Chroot, FifoTarget, Fixtures, Opened, Target, remount_fresh_tmpfs, replace_with_copy
 
 HOOK = Path(sysconfig.get_path("scripts")) / "ldfix-criu-hook"
 RESTORE_STAGES = ["pre-restore", "setup-namespaces", "post-setup-namespaces", "post-restore",
