@@ -275,21 +275,6 @@ int ldfix_ptrace_detach(int tid, int sig)
     return ptrace_ret(ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig));
 }
 
-int ldfix_ptrace_traceme(void)
-{
-    return ptrace_ret(ptrace(PTRACE_TRACEME, 0, 0, 0));
-}
-
-int ldfix_ptrace_cont(int tid, int sig)
-{
-    return ptrace_ret(ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig));
-}
-
-int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg)
-{
-    return ptrace_ret(ptrace(PTRACE_GETEVENTMSG, tid, 0, msg));
-}
-
 int ldfix_waitpid(int tid, int *status, int options)
 {
     pid_t r;
@@ -298,11 +283,6 @@ int ldfix_waitpid(int tid, int *status, int options)
         r = waitpid(tid, status, options | __WALL);
     while (r < 0 && errno == EINTR);
     return r < 0 ? -errno : (int)r;
-}
-
-int ldfix_tgkill(int tgid, int tid, int sig)
-{
-    return syscall(SYS_tgkill, tgid, tid, sig) < 0 ? -errno : 0;
 }
 
 int ldfix_kcmp_vm(int pid1, int pid2)

@@ -37,12 +37,8 @@ int ldfix_open_regular(int pathfd);
 int ldfix_ptrace_seize(int tid, unsigned long options);
 int ldfix_ptrace_interrupt(int tid);
 int ldfix_ptrace_detach(int tid, int sig);
-int ldfix_ptrace_traceme(void);
-int ldfix_ptrace_cont(int tid, int sig);
-int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg);
 /* waitpid(tid, status, options | __WALL); returns the pid or -errno. */
 int ldfix_waitpid(int tid, int *status, int options);
-int ldfix_tgkill(int tgid, int tid, int sig);
 /* kcmp(KCMP_VM): 0 when both processes share one address space, > 0 when
  * not, -errno on error. */
 int ldfix_kcmp_vm(int pid1, int pid2);

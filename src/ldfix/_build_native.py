@@ -19,11 +19,7 @@ ffibuilder.cdef(
     int ldfix_ptrace_seize(int tid, unsigned long options);
     int ldfix_ptrace_interrupt(int tid);
     int ldfix_ptrace_detach(int tid, int sig);
-    int ldfix_ptrace_traceme(void);
-    int ldfix_ptrace_cont(int tid, int sig);
-    int ldfix_ptrace_geteventmsg(int tid, unsigned long *msg);
     int ldfix_waitpid(int tid, int *status, int options);
-    int ldfix_tgkill(int tgid, int tid, int sig);
     int ldfix_kcmp_vm(int pid1, int pid2);
     int ldfix_swap16(int pid, int memfd, size_t n, const uint64_t *addrs,
                      const unsigned char *old, const unsigned char *new_,

@@ -330,9 +330,5 @@ def with_source(layout: GlibcLayout, source: str) -> GlibcLayout:
     return layout._replace(source=source)
 
 
-def checked_rtld_fields(layout: GlibcLayout) -> bool:
-    return layout.nns is not None and layout.ns_size is not None
-
-
 __all__ = ["GlibcLayout", "layout_from_row", "dwarf_glibc_layout", "structure_scan",
            "debug_file_candidates", "DEFAULT_DEBUG_DIRS", "with_source", "CorruptTarget"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import struct
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -311,8 +310,3 @@ class Reachable:
                 steps += 1
                 prev, addr = addr, link[0]
         return out, left
-
-
-def pack_ptrs(*values: int, ptr_size: int = 8) -> bytes:
-    fmt = "<" + ("Q" if ptr_size == 8 else "I") * len(values)
-    return struct.pack(fmt, *values)

@@ -7,14 +7,6 @@ from collections.abc import Sequence
 
 from ldfix._native import ffi, lib  # type: ignore[import-not-found]
 
-# PTRACE_O_* and wait-status helpers the freeze needs.
-PTRACE_O_TRACECLONE = 0x08
-PTRACE_O_TRACEEXIT = 0x40
-PTRACE_EVENT_CLONE = 3
-PTRACE_EVENT_EXIT = 6
-PTRACE_EVENT_STOP = 128
-
-
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
@@ -78,29 +70,11 @@ def ptrace_detach(tid: int, sig: int = 0) -> None:
     _check(lib.ldfix_ptrace_detach(tid, sig), "PTRACE_DETACH")
 
 
-def ptrace_cont(tid: int, sig: int = 0) -> None:
-    _check(lib.ldfix_ptrace_cont(tid, sig), "PTRACE_CONT")
-
-
-def ptrace_traceme() -> None:
-    _check(lib.ldfix_ptrace_traceme(), "PTRACE_TRACEME")
-
-
-def ptrace_geteventmsg(tid: int) -> int:
-    msg = ffi.new("unsigned long *")
-    _check(lib.ldfix_ptrace_geteventmsg(tid, msg), "PTRACE_GETEVENTMSG")
-    return int(msg[0])
-
-
 def waitpid(tid: int, options: int = 0) -> tuple[int, int]:
     """waitpid with __WALL; returns (pid, status), pid 0 with WNOHANG and nothing ready."""
     status = ffi.new("int *")
     pid = _check(lib.ldfix_waitpid(tid, status, options), "waitpid")
     return pid, int(status[0])
-
-
-def tgkill(tgid: int, tid: int, sig: int) -> None:
-    _check(lib.ldfix_tgkill(tgid, tid, sig), "tgkill")
 
 
 def kcmp_vm(pid1: int, pid2: int) -> bool:

@@ -101,9 +101,6 @@ class Process:
             out.setdefault(key, val)
         return out
 
-    def maps(self) -> list[Mapping]:
-        return parse_maps(self._read("maps"))
-
     def maps_raw(self) -> bytes:
         return self._read("maps")
 
