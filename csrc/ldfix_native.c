@@ -431,7 +431,7 @@ int ldfix_relink(int pid, int memfd, size_t nheads, const uint64_t *heads,
     uint64_t *addrs = NULL, *lens = NULL, *sorted = NULL;
     unsigned char *words = NULL;
     int64_t *done = NULL;
-    size_t *order = NULL, i, h;
+    size_t i, h;
     int ret = 0, left = 0;
 
     addrs = malloc((nknown + 1) * sizeof *addrs);
@@ -439,8 +439,7 @@ int ldfix_relink(int pid, int memfd, size_t nheads, const uint64_t *heads,
     sorted = malloc((nknown + 1) * 2 * sizeof *sorted);
     words = malloc((nknown + 1) * span);
     done = malloc((nknown + 1) * sizeof *done);
-    order = malloc((nknown + 1) * sizeof *order);
-    if (!addrs || !lens || !sorted || !words || !done || !order) {
+    if (!addrs || !lens || !sorted || !words || !done) {
         ret = -ENOMEM;
         goto out;
     }
@@ -490,6 +489,5 @@ out:
     free(sorted);
     free(words);
     free(done);
-    free(order);
     return ret;
 }
