@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ldfix import native
+from ldfix.native import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_PREV_MISMATCH,
+                          WALK_UNREADABLE)
 from ldfix.errors import MemoryFault, from_oserror
 
 # No single read of target memory is larger than this.
@@ -216,7 +218,6 @@ class ImageMemory:
 
 
 USER_TOP = 1 << 56  # above every user address (x86_64 5-level, aarch64), below kernel space
-WALK_END, WALK_BUDGET, WALK_CYCLE, WALK_BAD_POINTER, WALK_UNREADABLE, WALK_PREV_MISMATCH = range(6)
 
 
 def walk_list(mem: Memory, head: int, next_off: int, prev_off: int, read_size: int,

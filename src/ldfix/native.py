@@ -82,7 +82,10 @@ def kcmp_vm(pid1: int, pid2: int) -> bool:
     return _check(lib.ldfix_kcmp_vm(pid1, pid2), "kcmp") == 0
 
 
-WALK_END, WALK_BUDGET, WALK_CYCLE, WALK_BAD_POINTER, WALK_UNREADABLE, WALK_PREV_MISMATCH = range(6)
+# Why a walk stopped: the C enum, one definition (csrc/ldfix_native.h).
+WALK_END, WALK_BUDGET, WALK_CYCLE = lib.LDFIX_WALK_END, lib.LDFIX_WALK_BUDGET, lib.LDFIX_WALK_CYCLE
+WALK_BAD_POINTER, WALK_UNREADABLE = lib.LDFIX_WALK_BAD_POINTER, lib.LDFIX_WALK_UNREADABLE
+WALK_PREV_MISMATCH = lib.LDFIX_WALK_PREV_MISMATCH
 
 
 def walk(pid: int, memfd: int, head: int, next_off: int, prev_off: int, read_size: int,
@@ -99,8 +102,8 @@ def walk(pid: int, memfd: int, head: int, next_off: int, prev_off: int, read_siz
     return nodes, int(stop[0]), int(addrs[n])
 
 
-SWAP_CHANGED_BASE = 0x10000000
-SWAP_UNWRITTEN_BASE = 0x20000000
+SWAP_CHANGED_BASE = lib.LDFIX_SWAP_CHANGED_BASE
+SWAP_UNWRITTEN_BASE = lib.LDFIX_SWAP_UNWRITTEN_BASE
 
 
 class Swap16:
