@@ -235,16 +235,14 @@ int ldfix_open_in_root(int rootfd, const char *path)
     return fd < 0 ? -errno : (int)fd;
 }
 
-int ldfix_open_regular(int pathfd)
+/* The checks of ldfix_open_regular on a descriptor already fstat()ed. */
+static int reopen_regular(int pathfd, const struct stat *st)
 {
-    struct stat st;
     struct statfs sfs;
     char link[64];
     int fd;
 
-    if (fstat(pathfd, &st) < 0)
-        return -errno;
-    if (!S_ISREG(st.st_mode))
+    if (!S_ISREG(st->st_mode))
         return -EINVAL;
     if (fstatfs(pathfd, &sfs) < 0)
         return -errno;
@@ -253,6 +251,183 @@ int ldfix_open_regular(int pathfd)
     snprintf(link, sizeof link, "/proc/self/fd/%d", pathfd);
     fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     return fd < 0 ? -errno : fd;
+}
+
+int ldfix_open_regular(int pathfd)
+{
+    struct stat st;
+
+    if (fstat(pathfd, &st) < 0)
+        return -errno;
+    return reopen_regular(pathfd, &st);
+}
+
+/* ---- build-ids --------------------------------------------------------- */
+
+#define PT_LOAD_ 1
+#define PT_NOTE_ 4
+#define NT_GNU_BUILD_ID_ 3
+#define PHDR_SIZE_ 56
+
+static uint16_t get16(const unsigned char *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+
+static uint32_t get32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static uint64_t get64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+/* The GNU build-id among the notes in data[0..len): its length (copied to
+ * bid when it fits), 0 when there is none or a note is malformed (the rest
+ * of the segment is then not trusted), LDFIX_BID_UNDECIDED when it is longer
+ * than LDFIX_BID_MAX. */
+static int find_build_id(const unsigned char *data, size_t len, unsigned char *bid)
+{
+    size_t pos = 0;
+
+    while (pos + 12 <= len) {
+        uint32_t namesz = get32(data + pos), descsz = get32(data + pos + 4);
+        uint32_t type = get32(data + pos + 8);
+        size_t name_end, desc_end;
+
+        if (namesz > 256 || descsz > 1024)
+            return 0;
+        name_end = pos + 12 + ((namesz + 3) & ~3u);
+        desc_end = name_end + ((descsz + 3) & ~3u);
+        if (desc_end > len)
+            return 0;
+        if (type == NT_GNU_BUILD_ID_ && namesz == 4 && memcmp(data + pos + 12, "GNU", 4) == 0) {
+            if (descsz == 0)
+                return 0;
+            if (descsz > LDFIX_BID_MAX)
+                return LDFIX_BID_UNDECIDED;
+            memcpy(bid, data + name_end, descsz);
+            return (int)descsz;
+        }
+        pos = desc_end;
+    }
+    return 0;
+}
+
+/* Up to LDFIX_NOTE_COUNT PT_NOTE segments of at most LDFIX_NOTE_MAX bytes,
+ * in program header order: (offset, vaddr, size) each; returns the count. */
+static int note_segments(const unsigned char *ph, unsigned phnum, uint64_t (*notes)[3])
+{
+    unsigned i;
+    int k = 0;
+
+    for (i = 0; i < phnum && k < LDFIX_NOTE_COUNT; i++) {
+        const unsigned char *p = ph + (size_t)i * PHDR_SIZE_;
+        uint64_t filesz = get64(p + 32);
+        if (get32(p) == PT_NOTE_ && filesz <= LDFIX_NOTE_MAX) {
+            notes[k][0] = get64(p + 8);
+            notes[k][1] = get64(p + 16);
+            notes[k][2] = filesz;
+            k++;
+        }
+    }
+    return k;
+}
+
+/* The build-id of the ELF file open at fd (size bytes), or LDFIX_BID_*. */
+static int file_build_id(int fd, uint64_t size, unsigned char *bid)
+{
+    unsigned char head[8192], ph[LDFIX_PHNUM_MAX * PHDR_SIZE_], note[LDFIX_NOTE_MAX];
+    size_t hn = size < sizeof head ? (size_t)size : sizeof head;
+    uint64_t phoff, notes[LDFIX_NOTE_COUNT][3];
+    unsigned phnum, phentsize;
+    const unsigned char *phs;
+    int k, i;
+
+    if (hn < 64 || pread(fd, head, hn, 0) != (ssize_t)hn)
+        return LDFIX_BID_UNDECIDED;
+    if (memcmp(head, "\177ELF", 4) != 0 || head[4] != 2 || head[5] != 1)
+        return LDFIX_BID_UNDECIDED;
+    phoff = get64(head + 32);
+    phentsize = get16(head + 54);
+    phnum = get16(head + 56);
+    if ((phentsize != 0 && phentsize != PHDR_SIZE_) || phnum > LDFIX_PHNUM_MAX)
+        return LDFIX_BID_UNDECIDED;
+    if (phoff > size || (uint64_t)phnum * PHDR_SIZE_ > size - phoff)
+        return LDFIX_BID_UNDECIDED;
+    if (phoff + (uint64_t)phnum * PHDR_SIZE_ <= hn) {
+        phs = head + phoff;
+    } else {
+        if (pread(fd, ph, (size_t)phnum * PHDR_SIZE_, (off_t)phoff) != (ssize_t)(phnum * PHDR_SIZE_))
+            return LDFIX_BID_UNDECIDED;
+        phs = ph;
+    }
+    k = note_segments(phs, phnum, notes);
+    for (i = 0; i < k; i++) {
+        uint64_t off = notes[i][0], len = notes[i][2];
+        const unsigned char *data;
+        int r;
+        if (off > size || len > size - off)
+            return LDFIX_BID_UNDECIDED;
+        if (off + len <= hn) {
+            data = head + off;
+        } else {
+            if (pread(fd, note, (size_t)len, (off_t)off) != (ssize_t)len)
+                return LDFIX_BID_UNDECIDED;
+            data = note;
+        }
+        r = find_build_id(data, (size_t)len, bid);
+        if (r != 0)
+            return r;
+    }
+    return LDFIX_BID_NONE;
+}
+
+int ldfix_probe_files(int rootfd, size_t n, const char *paths, const uint32_t *offs,
+                      const uint64_t *stored, struct ldfix_file *out)
+{
+    size_t i;
+
+    for (i = 0; i < n; i++) {
+        struct ldfix_file *f = &out[i];
+        struct stat st;
+        int pfd, fd;
+
+        memset(f, 0, sizeof *f);
+        f->bid_len = LDFIX_BID_NOT_READ;
+        pfd = ldfix_open_in_root(rootfd, paths + offs[i]);
+        if (pfd < 0) {
+            f->err = pfd;
+            continue;
+        }
+        if (fstat(pfd, &st) < 0) {
+            f->err = -errno;
+            close(pfd);
+            continue;
+        }
+        f->dev = st.st_dev;
+        f->ino = st.st_ino;
+        f->size = (uint64_t)st.st_size;
+        if (stored && !(stored[2 * i] == f->dev && stored[2 * i + 1] == f->ino)) {
+            fd = reopen_regular(pfd, &st);
+            if (fd < 0) {
+                f->open_err = fd;
+            } else {
+                f->bid_len = file_build_id(fd, f->size, f->bid);
+                close(fd);
+            }
+        }
+        close(pfd);
+    }
+    return 0;
 }
 
 static int ptrace_ret(long r)
@@ -489,5 +664,115 @@ out:
     free(sorted);
     free(words);
     free(done);
+    return ret;
+}
+
+/* Reads n regions packed end to end into buf; off[i] receives where region i
+ * starts in buf. */
+static int read_packed(int pid, int memfd, size_t n, const uint64_t *addrs,
+                       const uint64_t *lens, unsigned char *buf, size_t *off,
+                       int64_t *done)
+{
+    size_t i, at = 0;
+
+    for (i = 0; i < n; i++) {
+        off[i] = at;
+        at += lens[i];
+    }
+    return vm_access(pid, memfd, 0, n, addrs, lens, buf, done);
+}
+
+/* A region of len bytes at addr, or an empty one where addr + len would
+ * leave the 64-bit space (such a region reads as nothing). */
+static void region(uint64_t *addr_out, uint64_t *len_out, uint64_t addr, uint64_t len)
+{
+    *addr_out = addr;
+    *len_out = addr > UINT64_MAX - len ? 0 : len;
+}
+
+int ldfix_image_build_ids(int pid, int memfd, size_t n, const uint64_t *bias,
+                          const uint64_t *start, int32_t *bid_len, unsigned char *bids)
+{
+    enum { CHUNK = 256, NOTES = CHUNK * LDFIX_NOTE_COUNT };
+    uint64_t *addrs, *lens;
+    size_t *off;
+    int64_t *done;
+    unsigned char *buf;
+    size_t first, i;
+    int ret = 0;
+
+    addrs = malloc(NOTES * sizeof *addrs);
+    lens = malloc(NOTES * sizeof *lens);
+    off = malloc(NOTES * sizeof *off);
+    done = malloc(NOTES * sizeof *done);
+    /* Big enough for a chunk's notes, which exceeds its program headers. */
+    buf = malloc((size_t)NOTES * LDFIX_NOTE_MAX);
+    if (!addrs || !lens || !off || !done || !buf) {
+        ret = -ENOMEM;
+        goto out;
+    }
+    /* Chunk by chunk: memory stays bounded whatever the target claims. */
+    for (first = 0; first < n; first += CHUNK) {
+        size_t cnt = n - first < CHUNK ? n - first : CHUNK, k;
+        unsigned char heads[CHUNK][64];
+        uint64_t notes[CHUNK][LDFIX_NOTE_COUNT][3];
+        int nnotes[CHUNK];
+
+        /* 1. the ELF headers */
+        for (i = 0; i < cnt; i++)
+            region(&addrs[i], &lens[i], start[first + i], 64);
+        if ((ret = read_packed(pid, memfd, cnt, addrs, lens, buf, off, done)) < 0)
+            goto out;
+        for (i = 0; i < cnt; i++) {
+            const unsigned char *h = buf + off[i];
+            unsigned phnum;
+            bid_len[first + i] = LDFIX_BID_UNDECIDED;
+            memset(heads[i], 0, 64);
+            if (done[i] == 64)
+                memcpy(heads[i], h, 64);
+            /* 2. then the program headers of the well-formed ones */
+            phnum = done[i] == 64 && memcmp(h, "\177ELF", 4) == 0 && h[4] == 2 && h[5] == 1 &&
+                    get16(h + 54) == PHDR_SIZE_ && get16(h + 56) <= LDFIX_PHNUM_MAX ? get16(h + 56) : 0;
+            region(&addrs[i], &lens[i], start[first + i] + get64(heads[i] + 32),
+                   (uint64_t)phnum * PHDR_SIZE_);
+            if (!phnum || start[first + i] + get64(heads[i] + 32) < start[first + i])
+                lens[i] = 0;
+        }
+        if ((ret = read_packed(pid, memfd, cnt, addrs, lens, buf, off, done)) < 0)
+            goto out;
+        for (i = 0; i < cnt; i++) {
+            nnotes[i] = -1;  /* headers unreadable: undecided */
+            if (lens[i] == 0 || done[i] != (int64_t)lens[i])
+                continue;
+            nnotes[i] = note_segments(buf + off[i], (unsigned)(lens[i] / PHDR_SIZE_), notes[i]);
+        }
+        /* 3. the notes, at load bias + p_vaddr (modulo 2^64, as the loader
+         * computes it) */
+        k = 0;
+        for (i = 0; i < cnt; i++) {
+            int j;
+            for (j = 0; j < nnotes[i]; j++, k++)
+                region(&addrs[k], &lens[k], bias[first + i] + notes[i][j][1], notes[i][j][2]);
+        }
+        if ((ret = read_packed(pid, memfd, k, addrs, lens, buf, off, done)) < 0)
+            goto out;
+        k = 0;
+        for (i = 0; i < cnt; i++) {
+            int j, r = 0;
+            if (nnotes[i] < 0)
+                continue;
+            /* A note that faults part way is parsed as far as it was read. */
+            for (j = 0; j < nnotes[i]; j++, k++)
+                if (r == 0)
+                    r = find_build_id(buf + off[k], (size_t)done[k], bids + (first + i) * LDFIX_BID_MAX);
+            bid_len[first + i] = r ? r : LDFIX_BID_NONE;
+        }
+    }
+out:
+    free(addrs);
+    free(lens);
+    free(off);
+    free(done);
+    free(buf);
     return ret;
 }

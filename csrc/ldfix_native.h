@@ -84,4 +84,43 @@ int ldfix_relink(int pid, int memfd, size_t nheads, const uint64_t *heads,
                  uint32_t prev_off, size_t limit, unsigned char *reached,
                  uint64_t *left_at, uint64_t *left_prev);
 
+/* Build-ids, read the way ldfix.elf/identity read them (one definition of
+ * the bounds): at most LDFIX_NOTE_COUNT PT_NOTE segments of at most
+ * LDFIX_NOTE_MAX bytes each (larger ones are skipped), LDFIX_PHNUM_MAX
+ * program headers; a build-id longer than LDFIX_BID_MAX is not decided here. */
+#define LDFIX_NOTE_COUNT 8
+#define LDFIX_NOTE_MAX 4096
+#define LDFIX_PHNUM_MAX 256
+#define LDFIX_BID_MAX 64
+enum {
+    LDFIX_BID_UNDECIDED = -2, /* malformed, unreadable, unusual: let the caller look */
+    LDFIX_BID_NOT_READ = -1,  /* the file was not opened (its id is the stored one) */
+    LDFIX_BID_NONE = 0        /* a well-formed ELF without a build-id note */
+};
+
+/* What ldfix_probe_files found for one path. */
+struct ldfix_file {
+    int32_t err;       /* 0, or -errno of the lookup (openat2, fstat) */
+    int32_t open_err;  /* 0, or -errno of opening it for reading (see ldfix_open_regular) */
+    int32_t bid_len;   /* the build-id's length (> 0), or LDFIX_BID_* */
+    uint32_t reserved;
+    uint64_t dev, ino, size;
+    unsigned char bid[LDFIX_BID_MAX];
+};
+
+/* For each of n NUL-terminated paths (paths + offs[i]), resolved inside
+ * rootfd as ldfix_open_in_root does: its current dev, ino and size; and,
+ * when stored is not NULL and the id differs from (stored[2i], stored[2i+1]),
+ * the file's build-id, the file being opened as ldfix_open_regular does.
+ * Returns 0 (per-path errors are in out[i]). */
+int ldfix_probe_files(int rootfd, size_t n, const char *paths, const uint32_t *offs,
+                      const uint64_t *stored, struct ldfix_file *out);
+
+/* The build-id of each mapped ELF image (ELF header at start[i], notes at
+ * bias[i] + p_vaddr) in process pid, in three batched reads per 256 images:
+ * bid_len[i] is its length (the bytes at bids + 64 * i) or LDFIX_BID_NONE /
+ * LDFIX_BID_UNDECIDED.  Returns 0 or -errno (whole-process errors). */
+int ldfix_image_build_ids(int pid, int memfd, size_t n, const uint64_t *bias,
+                          const uint64_t *start, int32_t *bid_len, unsigned char *bids);
+
 #endif

@@ -25,6 +25,7 @@ from ldfix import layouts_table as table
 from ldfix.errors import CorruptTarget, LdfixError, MemoryFault
 from ldfix.identity import (
     FileFacts,
+    Probe,
     FileProblem,
     ImageFacts,
     file_facts,
@@ -557,7 +558,7 @@ BID = bytes(range(1, 21))
 def test_image_facts_on_a_good_image_finds_its_build_id() -> None:
     mem = Image([(IMG, elf_image(notes=note(desc=BID)))])
     (img,) = image_facts(mem, [(IMG, IMG)])
-    assert img is not None and img.build_id == BID and img.first_page[:4] == b"\x7fELF"
+    assert img is not None and img.build_id == BID and img.header[:4] == b"\x7fELF"
 
 
 GARBAGE_HEADERS: dict[str, bytes | bytearray] = {
@@ -586,7 +587,7 @@ def test_image_facts_on_garbage_elf_headers(name: str) -> None:
     assert len(out) == 5
     assert out[0] is None and out[2:] == [None, None, None]
     assert out[1] is not None and out[1].build_id == BID  # its neighbours do not spoil it
-    facts = FileFacts(FileId(1, 2), 4096, BID, bytes(GARBAGE_HEADERS[name][:64]), b"")
+    facts = FileFacts(FileId(1, 2), 4096, BID, bytes(GARBAGE_HEADERS[name][:64]))
     assert same_content(out[0], facts)[0] is None  # undecided, so never "same"
     mem.assert_untouched()
 
@@ -611,7 +612,7 @@ def test_note_segment_with_absurd_sizes(name: str) -> None:
     with bounded():
         (img,) = image_facts(mem, [(IMG, IMG)])
     assert img is not None and img.build_id is None  # headers fine, no build-id believed
-    facts = FileFacts(FileId(1, 2), 4096, BID, img.header, img.first_page)
+    facts = FileFacts(FileId(1, 2), 4096, BID, img.header)
     assert same_content(img, facts) == (False, "build-id present on one side only")
     mem.assert_untouched()
 
@@ -834,6 +835,9 @@ class FakeProc:
     def readlink(self, what: str) -> str | None:
         return "/usr/bin/victim" if what == "exe" else None
 
+    def map_file_path(self, m: Mapping) -> str:
+        return "/nonexistent/map_files"
+
 
 class FakeRoot:
     """The target's filesystem: every file missing, or `facts` of each name."""
@@ -854,6 +858,18 @@ class FakeRoot:
     def probe(self, name: bytes, stored: FileId) -> tuple[FileId, FileFacts | None]:
         f = self.facts(name)
         return f.id, (None if f.id == stored else f)
+
+    def probe_many(self, names: list[bytes], stored: list[FileId] | None) -> list[Probe]:
+        out = []
+        for i, name in enumerate(names):
+            try:
+                f = self.facts(name)
+            except FileProblem as exc:
+                out.append(Probe(None, exc.reason, None))
+                continue
+            changed = stored is not None and f.id != stored[i]
+            out.append(Probe(f.id, "", f.build_id if changed else None))
+        return out
 
     def open_file(self, path: str) -> int | None:
         return None
@@ -948,7 +964,7 @@ def verified_scene(*, image: Callable[[int], bytearray] | None = None,
 
 def new_id(name: bytes) -> FileFacts:
     """The file as it is after the restore: same content (BID), another id."""
-    return FileFacts(FileId(0x2f, 91), 0x1000, BID, b"", b"")
+    return FileFacts(FileId(0x2f, 91), 0x1000, BID, b"")
 
 
 def test_analyse_baseline_reaches_a_writable_stale_object() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
+from ldfix._native import lib as _lib  # type: ignore[import-not-found]
 from ldfix.errors import CorruptTarget
 
 PT_LOAD, PT_DYNAMIC, PT_INTERP, PT_NOTE, PT_PHDR = 1, 2, 3, 4, 6
@@ -17,7 +18,8 @@ DT_NULL, DT_NEEDED, DT_STRTAB, DT_SYMTAB, DT_SONAME, DT_DEBUG = 0, 1, 5, 6, 14, 
 NT_GNU_BUILD_ID = 3
 EHDR_SIZE = 64
 PHDR_SIZE = 56
-MAX_PHNUM = 256
+# Bounds shared with the native build-id readers (csrc/ldfix_native.h): one definition.
+MAX_PHNUM = _lib.LDFIX_PHNUM_MAX
 MAX_DYN = 4096
 
 
@@ -61,18 +63,19 @@ def parse_phdrs(data: bytes, count: int) -> list[Phdr]:
             struct.iter_unpack("<IIQQQQQQ", data[:count * PHDR_SIZE])]
 
 
-MAX_NOTES = 8
+MAX_NOTES = _lib.LDFIX_NOTE_COUNT
+NOTE_MAX = _lib.LDFIX_NOTE_MAX  # a larger PT_NOTE is skipped (real ones hold a few dozen bytes)
 _PHDR = struct.Struct("<IIQQQQQQ")
 
 
 def notes_and_first_load(data: bytes, count: int) -> tuple[list[tuple[int, int, int]], tuple[int, int] | None]:
     """From raw program headers, without building objects: every PT_NOTE as
-    (p_offset, p_vaddr, p_filesz) (at most MAX_NOTES, each at most 64 KiB) and
+    (p_offset, p_vaddr, p_filesz) (at most MAX_NOTES, each at most NOTE_MAX) and
     the first PT_LOAD as (p_offset, p_filesz)."""
     notes: list[tuple[int, int, int]] = []
     first: tuple[int, int] | None = None
     for t, _f, off, vaddr, _pa, filesz, _ms, _al in _PHDR.iter_unpack(data[:count * PHDR_SIZE]):
-        if t == PT_NOTE and filesz <= 65536 and len(notes) < MAX_NOTES:
+        if t == PT_NOTE and filesz <= NOTE_MAX and len(notes) < MAX_NOTES:
             notes.append((off, vaddr, filesz))
         elif t == PT_LOAD and first is None:
             first = (off, filesz)

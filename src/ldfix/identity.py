@@ -12,7 +12,7 @@ import errno
 import os
 import posixpath
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ldfix import elf, native
@@ -30,13 +30,20 @@ class FileFacts(NamedTuple):
     size: int
     build_id: bytes | None
     header: bytes      # ELF header + program headers
-    first_page: bytes  # up to 4 KiB of the first PT_LOAD when it starts at offset 0
 
 
 class ImageFacts(NamedTuple):
     build_id: bytes | None
     header: bytes
-    first_page: bytes
+
+
+class Probe(NamedTuple):
+    """A file's current id as a lookup found it (None: `problem` says why),
+    and its build-id when the id was not the stored one and one was found
+    (None otherwise: then facts() tells the rest)."""
+    current: FileId | None
+    problem: str
+    build_id: bytes | None
 
 
 class FileProblem(Exception):
@@ -95,32 +102,36 @@ class RootView:
         try:
             return native.open_in_root(self.rootfd, path)
         except OSError as exc:
-            gone = exc.errno in (errno.ENOENT, errno.ENOTDIR)
-            raise FileProblem("no such file in the process's root" if gone
-                              else f"cannot resolve: {os.strerror(exc.errno or 0)}",
-                              missing=True) from None
+            raise FileProblem(_lookup_problem(exc.errno or 0), missing=True) from None
 
-    def probe(self, name: bytes, stored: FileId | None) -> tuple[FileId, FileFacts | None]:
-        """The current id of `name`; its facts too, but only when the id is not
-        `stored` (one lookup; the file is opened and read only then; never
+    def probe_many(self, names: Sequence[bytes], stored: Sequence[FileId] | None) -> list[Probe]:
+        """probe() of every name in one native call: the current ids, and the
+        build-id of each file whose id is not its stored one (none is read
         with stored=None)."""
-        pfd = self._open_path(name)
-        try:
-            st = os.fstat(pfd)
-            fid = FileId(st.st_dev, st.st_ino)
-            if stored is None or fid == stored:
-                return fid, None
-            return fid, self._facts_at(pfd, fid, st.st_size)
-        finally:
-            os.close(pfd)
+        out: list[Probe | None] = [None] * len(names)
+        paths: list[bytes] = []
+        where: list[int] = []
+        for i, name in enumerate(names):
+            try:
+                paths.append(self.resolve(name))
+                where.append(i)
+            except FileProblem as exc:
+                out[i] = Probe(None, exc.reason, None)
+        want = [stored[i] for i in where] if stored is not None else None
+        for i, (err, open_err, dev, ino, bid) in zip(where, native.probe_files(self.rootfd, paths, want)):
+            if err:
+                out[i] = Probe(None, _lookup_problem(err), None)
+            elif open_err:
+                out[i] = Probe(None, _open_problem(open_err), None)
+            else:
+                out[i] = Probe(FileId(dev, ino), "", bid)
+        return out  # type: ignore[return-value]
 
     def _facts_at(self, pfd: int, fid: FileId, size: int) -> FileFacts:
         try:
             fd = native.open_regular(pfd)
         except OSError as exc:
-            reason = {errno.EINVAL: "not a regular file",
-                      errno.EXDEV: "on procfs or sysfs"}.get(exc.errno or 0, os.strerror(exc.errno or 0))
-            raise FileProblem(reason, missing=True) from None
+            raise FileProblem(_open_problem(exc.errno or 0), missing=True) from None
         try:
             return file_facts(fd, fid, size)
         finally:
@@ -135,22 +146,88 @@ class RootView:
         finally:
             os.close(pfd)
 
+    def same_bytes(self, name: bytes, expect: FileId, mapped_fd: int) -> tuple[bool | None, str]:
+        """Whether the file at `name` (still the one with id `expect`) holds
+        exactly the bytes of the mapped file open at `mapped_fd`."""
+        try:
+            pfd = self._open_path(name)
+        except FileProblem as exc:
+            return None, exc.reason
+        try:
+            st = os.fstat(pfd)
+            if FileId(st.st_dev, st.st_ino) != expect:
+                return None, "the file was replaced while it was being compared"
+            try:
+                fd = native.open_regular(pfd)
+            except OSError as exc:
+                return None, _open_problem(exc.errno or 0)
+        finally:
+            os.close(pfd)
+        try:
+            return compare_files(mapped_fd, fd)
+        finally:
+            os.close(fd)
+
+
+COMPARE_MAX = 1 << 30   # bytes compared per file at most (no build-id only)
+COMPARE_CHUNK = 1 << 20
+
+
+def compare_files(a: int, b: int) -> tuple[bool | None, str]:
+    """Byte-compare two open regular files, in bounded chunks."""
+    size_a, size_b = os.fstat(a).st_size, os.fstat(b).st_size
+    if size_a != size_b:
+        return False, "no build-id; the file's size differs from the mapped file's"
+    if size_a > COMPARE_MAX:
+        return None, f"no build-id, and the file is too large to compare (over {COMPARE_MAX >> 20} MiB)"
+    off = 0
+    while off < size_a:
+        want = min(COMPARE_CHUNK, size_a - off)
+        x, y = os.pread(a, want, off), os.pread(b, want, off)
+        if len(x) != want or len(y) != want:
+            return None, "no build-id, and a file came back short while comparing"
+        if x != y:
+            return False, "no build-id; the file's bytes differ from the mapped file's"
+        off += want
+    return True, "no build-id; byte-identical to the mapped file"
+
+
+def _lookup_problem(err: int) -> str:
+    if err in (errno.ENOENT, errno.ENOTDIR):
+        return "no such file in the process's root"
+    return f"cannot resolve: {os.strerror(err)}"
+
+
+def _open_problem(err: int) -> str:
+    return {errno.EINVAL: "not a regular file",
+            errno.EXDEV: "on procfs or sysfs"}.get(err, os.strerror(err))
+
 
 def file_facts(fd: int, fid: FileId, size: int) -> FileFacts:
     try:
         f = elf.ElfFile(fd, size)
-        notes, first = notes_and_first_load(f.phdr_bytes, f.ehdr.e_phnum)
-        first_page = f.pread(0, min(4096, first[1], size)) if first and first[0] == 0 else b""
-        return FileFacts(fid, size, f.build_id(notes), f.header_bytes + f.phdr_bytes, first_page)
+        notes, _first = notes_and_first_load(f.phdr_bytes, f.ehdr.e_phnum)
+        return FileFacts(fid, size, f.build_id(notes), f.header_bytes + f.phdr_bytes)
     except (LdfixError, OSError):
-        return FileFacts(fid, size, None, b"", b"")
+        return FileFacts(fid, size, None, b"")
+
+
+IMAGE_CHUNK = 256
 
 
 def image_facts(mem: Memory, images: Sequence[tuple[int, int]]) -> list[ImageFacts | None]:
-    """What is mapped for each (load bias, map start): build-id, headers, first page.
+    """What is mapped for each (load bias, map start): build-id and ELF headers.
 
-    Batched: one read of all headers, one of all program headers, one of all
-    notes and first pages."""
+    Batched: per 256 images (memory stays bounded whatever the target
+    claims), one read of all headers, one of all program headers, one of all
+    notes."""
+    out: list[ImageFacts | None] = []
+    for i in range(0, len(images), IMAGE_CHUNK):
+        out += _image_facts(mem, images[i:i + IMAGE_CHUNK])
+    return out
+
+
+def _image_facts(mem: Memory, images: Sequence[tuple[int, int]]) -> list[ImageFacts | None]:
     heads = mem.read_many([(start, elf.EHDR_SIZE) for _, start in images])
     ph_regions: list[tuple[int, int]] = []
     phnums: list[int] = []
@@ -165,36 +242,41 @@ def image_facts(mem: Memory, images: Sequence[tuple[int, int]]) -> list[ImageFac
         ph_regions.append((start + phoff, phnum * elf.PHDR_SIZE) if phnum >= 0 else (start, 0))
     phs = mem.read_many(ph_regions)
     more: list[tuple[int, int]] = []
-    plans: list[tuple[int, int, int] | None] = []   # (first note index, note count, page index)
+    plans: list[tuple[int, int] | None] = []   # (first note index, note count)
     for (bias, start), phnum, raw in zip(images, phnums, phs):
         if phnum < 0 or len(raw) != phnum * elf.PHDR_SIZE:
             plans.append(None)
             continue
-        notes, first = notes_and_first_load(raw, phnum)
-        page = min(4096, first[1]) if first and first[0] == 0 else 0
-        plans.append((len(more), len(notes), len(more) + len(notes)))
+        notes, _first = notes_and_first_load(raw, phnum)
+        plans.append((len(more), len(notes)))
         # Loader arithmetic is modulo 2**64: l_addr is "negative" for an
         # object mapped below its link-time address (prelink).
         more.extend(((bias + vaddr) % (1 << 64), size) for _off, vaddr, size in notes)
-        more.append((start, page))
     data = mem.read_many(more)
     out: list[ImageFacts | None] = []
     for head, raw, plan in zip(heads, phs, plans):
         if plan is None:
             out.append(None)
             continue
-        first_note, n_notes, page_at = plan
+        first_note, n_notes = plan
         bid = None
         for note_bytes in data[first_note:first_note + n_notes]:
             bid = elf.build_id_from_notes(note_bytes) if note_bytes else None
             if bid:
                 break
-        out.append(ImageFacts(bid, head + raw, data[page_at]))
+        out.append(ImageFacts(bid, head + raw))
     return out
 
 
-def same_content(image: ImageFacts | None, f: FileFacts) -> tuple[bool | None, str]:
-    """(True/False, how decided); None when it cannot be decided."""
+def same_content(image: ImageFacts | None, f: FileFacts,
+                 compare: Callable[[], tuple[bool | None, str]] | None = None) -> tuple[bool | None, str]:
+    """(True/False, how decided); None when it cannot be decided.
+
+    Build-ids decide when both sides have one.  Without any, only the whole
+    file can: `compare` byte-compares the mapped file with the current one
+    (None when the mapped file cannot be opened: then undecided).  Matching
+    headers and a matching first page are not enough: two builds can differ
+    in a later page only."""
     if image is None:
         return None, "the mapped image's ELF headers are unreadable"
     if image.build_id and f.build_id:
@@ -205,6 +287,6 @@ def same_content(image: ImageFacts | None, f: FileFacts) -> tuple[bool | None, s
         return False, "build-id present on one side only"
     if not image.header or image.header != f.header:
         return False, "ELF headers differ"
-    if not image.first_page or image.first_page != f.first_page:
-        return False, "first page differs"
-    return True, "same ELF headers and first page (no build-id)"
+    if compare is None:
+        return None, "no build-id, and nothing to compare the bytes with"
+    return compare()

@@ -7,6 +7,10 @@ from collections.abc import Sequence
 
 from ldfix._native import ffi, lib  # type: ignore[import-not-found]
 
+# Buffers the C side fills before Python reads them: not cleared first.
+_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
+
+
 def _check(ret: int, what: str) -> int:
     if ret < 0:
         raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
@@ -21,7 +25,7 @@ def vm_read(pid: int, memfd: int, regions: Sequence[tuple[int, int]]) -> list[by
     total = sum(size for _, size in regions)
     addrs = ffi.new("uint64_t[]", [a for a, _ in regions])
     lens = ffi.new("uint64_t[]", [s for _, s in regions])
-    buf = ffi.new("unsigned char[]", max(total, 1))
+    buf = _uncleared("unsigned char[]", max(total, 1))
     done = ffi.new("int64_t[]", n)
     _check(lib.ldfix_vm_read(pid, memfd, n, addrs, lens, buf, done), "process_vm_readv")
     raw = ffi.buffer(buf, total)[:]
@@ -58,6 +62,47 @@ def open_regular(pathfd: int) -> int:
     return _check(lib.ldfix_open_regular(pathfd), "open")
 
 
+def probe_files(rootfd: int, paths: Sequence[bytes],
+                stored: Sequence[tuple[int, int]] | None) -> list[tuple[int, int, int, int, bytes | None]]:
+    """ldfix_probe_files: (errno of the lookup, errno of the open, dev, ino,
+    build-id or None) for each path; the build-id only of files whose id is
+    not the stored one (none with stored=None)."""
+    n = len(paths)
+    if n == 0:
+        return []
+    offs, at = [], 0
+    for p in paths:
+        offs.append(at)
+        at += len(p) + 1
+    blob = ffi.new("char[]", b"\0".join(paths) + b"\0")
+    c_offs = ffi.new("uint32_t[]", offs)
+    c_stored = ffi.new("uint64_t[]", [v for fid in stored for v in fid]) if stored is not None else ffi.NULL
+    out = ffi.new("struct ldfix_file[]", n)
+    _check(lib.ldfix_probe_files(rootfd, n, blob, c_offs, c_stored, out), "probe files")
+    res = []
+    for i in range(n):
+        f = out[i]
+        k = f.bid_len
+        res.append((-f.err, -f.open_err, f.dev, f.ino, ffi.buffer(f.bid, k)[:] if k > 0 else None))
+    return res
+
+
+def image_build_ids(pid: int, memfd: int, images: Sequence[tuple[int, int]]) -> list[bytes | None]:
+    """ldfix_image_build_ids for [(load bias, start of the ELF header)]: the
+    build-id of each mapped image, None where not found or not decided."""
+    n = len(images)
+    if n == 0:
+        return []
+    lens = ffi.new("int32_t[]", n)
+    bids = ffi.new("unsigned char[]", n * lib.LDFIX_BID_MAX)
+    _check(lib.ldfix_image_build_ids(pid, memfd, n, ffi.new("uint64_t[]", [b % (1 << 64) for b, _ in images]),
+                                     ffi.new("uint64_t[]", [s % (1 << 64) for _, s in images]), lens, bids),
+           "image build-ids")
+    raw = ffi.buffer(bids)[:]
+    step = lib.LDFIX_BID_MAX
+    return [raw[i * step:i * step + k] if (k := lens[i]) > 0 else None for i in range(n)]
+
+
 def ptrace_seize(tid: int, options: int = 0) -> None:
     _check(lib.ldfix_ptrace_seize(tid, options), "PTRACE_SEIZE")
 
@@ -91,7 +136,7 @@ WALK_PREV_MISMATCH = lib.LDFIX_WALK_PREV_MISMATCH
 def walk(pid: int, memfd: int, head: int, next_off: int, prev_off: int, read_size: int,
          min_size: int, user_top: int, limit: int) -> tuple[list[tuple[int, bytes]], int, int]:
     """Walk a linked list in one call: ([(address, bytes)], stop reason, stop address)."""
-    buf = ffi.new("unsigned char[]", max(1, limit * read_size))
+    buf = _uncleared("unsigned char[]", max(1, limit * read_size))
     addrs = ffi.new("uint64_t[]", limit + 1)
     lens = ffi.new("uint32_t[]", max(1, limit))
     stop = ffi.new("int *")

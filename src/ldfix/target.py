@@ -14,7 +14,7 @@ import re
 import struct
 from typing import NamedTuple
 
-from ldfix import elf
+from ldfix import elf, native
 from ldfix.errors import CorruptTarget, LdfixError, UnsupportedTarget, from_oserror
 from ldfix.memory import Memory, read
 from ldfix.procfs import AT_BASE, AT_ENTRY, AT_PHDR, AT_PHNUM, Mapping, Process, parse_maps
@@ -50,9 +50,6 @@ class Interpreter(NamedTuple):
                 return m.group(1).decode("ascii", "replace")
             off += chunk
         return None
-
-
-_START = re.compile(rb"^([0-9a-f]+)-", re.M)
 
 
 class _Starts:
@@ -120,7 +117,8 @@ class TargetView:
         """Start addresses of every mapping, for `addr in view.starts()` (no full parse)."""
         if self.maps or not self.maps_raw:
             return _Starts({b"%x" % m.start for m in self.maps})
-        return _Starts(set(_START.findall(self.maps_raw)))
+        # Every line begins "start-end ": a split costs a fifth of a regex.
+        return _Starts({line.partition(b"-")[0] for line in self.maps_raw.splitlines()})
 
     def special(self, name: bytes) -> tuple[int, int] | None:
         """(start, end) of a kernel-named mapping such as b"[vdso]"."""
@@ -133,6 +131,25 @@ class TargetView:
         line = self.maps_raw[self.maps_raw.rfind(b"\n", 0, i) + 1:i]
         lo, _, hi = line.split(b" ", 1)[0].partition(b"-")
         return int(lo, 16), int(hi, 16)
+
+    def open_mapped(self, addr: int) -> int | None:
+        """A readable descriptor of the regular file mapped at addr, opened
+        through /proc/PID/map_files (the very inode mapped, even when its
+        path now names another file); None when there is none or it cannot
+        be opened (map_files wants CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE)."""
+        m = self.mapping_at(addr)
+        if m is None or not m.ino:
+            return None
+        try:
+            pfd = os.open(self.proc.map_file_path(m), os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return native.open_regular(pfd)  # never a device or a FIFO
+        except OSError:
+            return None
+        finally:
+            os.close(pfd)
 
     def in_interp(self, addr: int) -> bool:
         """Whether addr lies in the loader's own image."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ldfix.identity import FileFacts, FileProblem, RootView, image_facts, same_content
-from ldfix.memory import Memory
+from ldfix.memory import Memory, image_build_ids
 from ldfix.model import FileId, LoadedObject, Status
 
 
@@ -16,47 +18,106 @@ class IdSlot(NamedTuple):
 
 
 def classify(mem: Memory, root: RootView, objects: list[LoadedObject],
-             slots: dict[int, IdSlot], unnamed: set[int]) -> None:
+             slots: dict[int, IdSlot], unnamed: set[int],
+             open_mapped: Callable[[int], int | None] | None = None) -> None:
     """Set stored/current/status/reason/writable of every object.
 
     `slots` maps an object's address to its id slot; `unnamed` holds objects
-    whose recorded name is not a path to resolve (glibc's program map)."""
-    pending: list[tuple[LoadedObject, FileFacts]] = []
+    whose recorded name is not a path to resolve (glibc's program map);
+    `open_mapped(address)` opens the file mapped there, if it can.
+
+    Every file is looked up in one native call; only a file whose id is not
+    the stored one is opened (its build-id read).  Where both the file and
+    the mapped image have a build-id, they decide; otherwise (no build-id,
+    unusual headers) identity.same_content does, in Python."""
+    looked: list[LoadedObject] = []
+    problems: dict[int, str] = {}
     for o in objects:
         slot = slots[o.address]
         o.stored, o.id_address = slot.stored, slot.address
         if o.role == "vdso":
-            o.status, o.reason, o.stored, o.id_address = Status.VIRTUAL, "no file behind it (vdso)", None, None
             continue
-        problem = ""
-        facts: FileFacts | None = None
         if o.name.endswith(TRUNCATED):
-            problem = "the recorded name is unreadable or too long"
+            problems[o.address] = "the recorded name is unreadable or too long"
         elif o.address not in unnamed:
-            try:
-                # Only a file with a new id is opened and read (ELF headers, build-id).
-                o.current, facts = root.probe(o.name, slot.stored)
-            except FileProblem as exc:
-                o.current, problem = None, exc.reason
-        if slot.stored.is_zero:
+            looked.append(o)
+    probes = root.probe_many([o.name for o in looked], [o.stored for o in looked])  # type: ignore[misc]
+    build_ids: dict[int, bytes | None] = {}
+    for o, p in zip(looked, probes):
+        o.current = p.current
+        if p.current is None:
+            problems[o.address] = p.problem
+        build_ids[o.address] = p.build_id
+    pending: list[LoadedObject] = []
+    for o in objects:
+        slot = slots[o.address]
+        if o.role == "vdso":
+            o.status, o.reason, o.stored, o.id_address = Status.VIRTUAL, "no file behind it (vdso)", None, None
+        elif slot.stored.is_zero:
             o.status, o.reason = Status.UNSET, f"the loader stored no id ({o.role})"
         elif slot.removed:
             o.status, o.reason = Status.UNSET, "being removed (l_removed)"
         elif o.current is None:
-            o.status, o.reason = Status.MISSING, problem
-        elif o.current == slot.stored or facts is None:
+            o.status, o.reason = Status.MISSING, problems.get(o.address, "")
+        elif o.current == slot.stored:
+            o.status, o.reason = Status.OK, "stored id equals the file's"
+        else:
+            pending.append(o)
+    if not pending:
+        return
+    mapped = image_build_ids(mem, [(o.base, o.map_start or 0) for o in pending])
+    slow: list[LoadedObject] = []
+    for o, img_bid in zip(pending, mapped):
+        file_bid = build_ids.get(o.address)
+        if img_bid is None or file_bid is None:
+            slow.append(o)
+        elif img_bid == file_bid:
+            o.status, o.reason, o.writable = Status.STALE, "new id, same build-id", o.role == "library"
+        else:
+            o.status, o.reason = Status.CHANGED, "build-id differs"
+    if slow:
+        _classify_slowly(mem, root, slow, slots, open_mapped)
+
+
+def _classify_slowly(mem: Memory, root: RootView, objects: list[LoadedObject],
+                     slots: dict[int, IdSlot], open_mapped: Callable[[int], int | None] | None) -> None:
+    """The whole comparison (identity.same_content) for objects the fast path
+    could not decide; the file is looked at again, and its id then is the one
+    judged."""
+    pending: list[tuple[LoadedObject, FileFacts]] = []
+    for o in objects:
+        try:
+            facts = root.facts(o.name)
+        except FileProblem as exc:
+            o.current, o.status, o.reason = None, Status.MISSING, exc.reason
+            continue
+        o.current = facts.id
+        if facts.id == slots[o.address].stored:
             o.status, o.reason = Status.OK, "stored id equals the file's"
         else:
             pending.append((o, facts))
-    if not pending:
-        return
     imgs = image_facts(mem, [(o.base, o.map_start or 0) for o, _ in pending])
     for (o, facts), img in zip(pending, imgs):
-        same, how = same_content(img, facts)
+        same, how = same_content(img, facts, _comparer(root, o, facts, open_mapped))
         if same:
             o.status, o.reason, o.writable = Status.STALE, f"new id, {how}", o.role == "library"
         else:
             o.status, o.reason = Status.CHANGED, how
+
+
+def _comparer(root: RootView, o: LoadedObject, facts: FileFacts,
+              open_mapped: Callable[[int], int | None] | None) -> Callable[[], tuple[bool | None, str]]:
+    """Byte-compares the file mapped at the object's start with its current
+    file (only asked for when neither has a build-id)."""
+    def compare() -> tuple[bool | None, str]:
+        fd = open_mapped(o.map_start) if open_mapped and o.map_start else None
+        if fd is None:
+            return None, "no build-id, and the mapped file cannot be opened to compare its bytes"
+        try:
+            return root.same_bytes(o.name, facts.id, fd)
+        finally:
+            os.close(fd)
+    return compare
 
 
 def phnum_mismatches(mem: Memory, items: list[tuple[str, int, int]]) -> list[str]:

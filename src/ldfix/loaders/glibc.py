@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ldfix import layouts_table as table
-from ldfix.identity import FileProblem, RootView
+from ldfix.identity import RootView
 from ldfix.layout import (ALL_SOURCES, GlibcLayout, debug_file_candidates, dwarf_glibc_layout_cached,
                           layout_from_row, probe_scan, structure_scan, with_source)
 from ldfix.loaders.base import Analysis, BusyField, busy_reason
@@ -241,15 +241,9 @@ class GlibcBackend:
 
     def _probe(self, root: RootView, ordinary: list[RawMap], fixed: list[RawMap]) -> int | None:
         """Stat calibration on the target itself (libraries whose files kept their id)."""
-        pairs = []
-        for m in ordinary[1:]:  # the program's own id is never set
-            name = self._names.get(m.addr, b"")
-            try:
-                fid = root.probe(name, None)[0] if name else None
-            except FileProblem:
-                fid = None
-            if fid is not None:
-                pairs.append((m.raw, fid.pack()))
+        named = [m for m in ordinary[1:] if self._names.get(m.addr)]  # the program's own id is never set
+        probes = root.probe_many([self._names[m.addr] for m in named], None)
+        pairs = [(m.raw, p.current.pack()) for m, p in zip(named, probes) if p.current is not None]
         return probe_scan(pairs, [m.raw for m in fixed], 560, WINDOW - 16)
 
     # -- analysis -------------------------------------------------------------
@@ -337,7 +331,7 @@ class GlibcBackend:
                     bool(m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1)
                 slots[o.address] = IdSlot(FileId.unpack(m.raw[layout.file_id:layout.file_id + 16]),
                                           o.address + layout.file_id, removed)
-            classify(mem, root, objects, slots, unnamed)
+            classify(mem, root, objects, slots, unnamed, view.open_mapped)
             busy = self._busy_fields(layout, lists)
             info.lock_check = "r_state and _dl_load_lock" if any(b.owner_offset is not None for b in busy) \
                 else "r_state only"

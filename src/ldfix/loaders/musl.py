@@ -16,7 +16,7 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from ldfix.identity import FileProblem, RootView
+from ldfix.identity import RootView
 from ldfix.layout import ALL_SOURCES, probe_scan
 from ldfix.loaders.base import Analysis, BusyField
 from ldfix.loaders.common import IdSlot, classify, phnum_mismatches, read_names
@@ -150,14 +150,10 @@ class MuslBackend:
             # libraries whose files kept their id must find dev right there.
             off = None
             if k is not None and "probe" in self.sources:
-                pairs = []
-                for o in objects:
-                    if o.role != "library" or not o.name:
-                        continue
-                    try:
-                        pairs.append((by_addr[o.address].raw, root.probe(o.name, None)[0].pack()))
-                    except FileProblem:
-                        continue
+                libs = [o for o in objects if o.role == "library" and o.name]
+                probes = root.probe_many([o.name for o in libs], None)
+                pairs = [(by_addr[o.address].raw, p.current.pack())
+                         for o, p in zip(libs, probes) if p.current is not None]
                 fixed = [by_addr[o.address].raw for o in objects if o.role in ("main", "loader", "vdso")]
                 off = probe_scan(pairs, fixed, 64, WINDOW - 16)
             if off is not None and k is not None and off == k + 16:
@@ -179,7 +175,7 @@ class MuslBackend:
                 o.map_start = _w(raw, TABLE_MAP) or None
                 o.map_end = (o.map_start + _w(raw, TABLE_MAP + 8)) if o.map_start else None
                 slots[o.address] = IdSlot(FileId.unpack(raw[layout_dev:layout_dev + 16]), o.address + layout_dev)
-            classify(mem, root, objects, slots, unnamed=set())
+            classify(mem, root, objects, slots, set(), view.open_mapped)
             busy = [BusyField(view.r_debug + 24, 4, "musl debug.state")]
             info.lock_check = "debug.state"
         else:
