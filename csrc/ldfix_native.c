@@ -235,21 +235,51 @@ int ldfix_open_in_root(int rootfd, const char *path)
     return fd < 0 ? -errno : (int)fd;
 }
 
+/* What a batch of reopens shares: /proc/self/fd opened once, and whether the
+ * last device seen is procfs/sysfs (one fstatfs per file system, not per
+ * file: a device number names one superblock). */
+struct reopen_ctx {
+    int fddir;      /* /proc/self/fd, or -1 */
+    int have_dev;
+    dev_t dev;
+    int dev_err;    /* 0, or -EXDEV / -errno for that device */
+};
+
 /* The checks of ldfix_open_regular on a descriptor already fstat()ed. */
-static int reopen_regular(int pathfd, const struct stat *st)
+static int reopen_regular(int pathfd, const struct stat *st, struct reopen_ctx *ctx)
 {
     struct statfs sfs;
     char link[64];
-    int fd;
+    int fd, err;
 
     if (!S_ISREG(st->st_mode))
         return -EINVAL;
-    if (fstatfs(pathfd, &sfs) < 0)
-        return -errno;
-    if (sfs.f_type == PROC_SUPER_MAGIC || sfs.f_type == SYSFS_MAGIC)
-        return -EXDEV;
-    snprintf(link, sizeof link, "/proc/self/fd/%d", pathfd);
-    fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (ctx && ctx->have_dev && ctx->dev == st->st_dev) {
+        err = ctx->dev_err;
+    } else {
+        err = 0;
+        if (fstatfs(pathfd, &sfs) < 0)
+            err = -errno;
+        else if (sfs.f_type == PROC_SUPER_MAGIC || sfs.f_type == SYSFS_MAGIC)
+            err = -EXDEV;
+        if (ctx && err != -EINTR) {
+            ctx->have_dev = 1;
+            ctx->dev = st->st_dev;
+            ctx->dev_err = err;
+        }
+    }
+    if (err)
+        return err;
+    /* Reopening the O_PATH descriptor through its magic link opens the very
+     * inode looked up, for reading, and never a device or a FIFO (checked
+     * above on that inode). */
+    if (ctx && ctx->fddir >= 0) {
+        snprintf(link, sizeof link, "%d", pathfd);
+        fd = openat(ctx->fddir, link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    } else {
+        snprintf(link, sizeof link, "/proc/self/fd/%d", pathfd);
+        fd = open(link, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    }
     return fd < 0 ? -errno : fd;
 }
 
@@ -259,7 +289,7 @@ int ldfix_open_regular(int pathfd)
 
     if (fstat(pathfd, &st) < 0)
         return -errno;
-    return reopen_regular(pathfd, &st);
+    return reopen_regular(pathfd, &st, NULL);
 }
 
 /* ---- build-ids --------------------------------------------------------- */
@@ -345,7 +375,9 @@ static int note_segments(const unsigned char *ph, unsigned phnum, uint64_t (*not
 /* The build-id of the ELF file open at fd (size bytes), or LDFIX_BID_*. */
 static int file_build_id(int fd, uint64_t size, unsigned char *bid)
 {
-    unsigned char head[8192], ph[LDFIX_PHNUM_MAX * PHDR_SIZE_], note[LDFIX_NOTE_MAX];
+    /* The headers and notes of a shared object sit in its first few hundred
+     * bytes; what lies further is read where it is. */
+    unsigned char head[1024], ph[LDFIX_PHNUM_MAX * PHDR_SIZE_], note[LDFIX_NOTE_MAX];
     size_t hn = size < sizeof head ? (size_t)size : sizeof head;
     uint64_t phoff, notes[LDFIX_NOTE_COUNT][3];
     unsigned phnum, phentsize;
@@ -394,8 +426,11 @@ static int file_build_id(int fd, uint64_t size, unsigned char *bid)
 int ldfix_probe_files(int rootfd, size_t n, const char *paths, const uint32_t *offs,
                       const uint64_t *stored, struct ldfix_file *out)
 {
+    struct reopen_ctx ctx = { .fddir = -1 };
     size_t i;
 
+    if (stored)
+        ctx.fddir = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
     for (i = 0; i < n; i++) {
         struct ldfix_file *f = &out[i];
         struct stat st;
@@ -417,7 +452,7 @@ int ldfix_probe_files(int rootfd, size_t n, const char *paths, const uint32_t *o
         f->ino = st.st_ino;
         f->size = (uint64_t)st.st_size;
         if (stored && !(stored[2 * i] == f->dev && stored[2 * i + 1] == f->ino)) {
-            fd = reopen_regular(pfd, &st);
+            fd = reopen_regular(pfd, &st, &ctx);
             if (fd < 0) {
                 f->open_err = fd;
             } else {
@@ -427,6 +462,8 @@ int ldfix_probe_files(int rootfd, size_t n, const char *paths, const uint32_t *o
         }
         close(pfd);
     }
+    if (ctx.fddir >= 0)
+        close(ctx.fddir);
     return 0;
 }
 

@@ -297,3 +297,25 @@ def test_agent_leaves_a_library_without_build_id_alone(fx: Fixtures, no_bid: tup
         (tmp_path / "alias.so").symlink_to(lib)
         other = t.open(tmp_path / "alias.so")
         assert other.handle != first.handle and other.ctors == 2  # as without a restore
+
+
+def test_native_file_reader_never_opens_procfs_or_sysfs(tmp_path: Path) -> None:
+    """Regular files of procfs and sysfs are refused (EXDEV) without being
+    opened, whatever comes before or after them in one batch (the check is
+    made once per file system)."""
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(IMAGES["good"])
+    sysfs = next((p for p in (b"/sys/kernel/mm/transparent_hugepage/enabled", b"/sys/power/state",
+                              b"/sys/kernel/profiling") if os.path.isfile(p)), None)
+    names = [os.fsencode(lib), b"/proc/self/status", os.fsencode(lib), b"/proc/self/stat"]
+    if sysfs:
+        names += [sysfs, os.fsencode(lib), sysfs]
+    rootfd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        got = native.probe_files(rootfd, names, [(0, 0)] * len(names))
+    finally:
+        os.close(rootfd)
+    for name, (err, open_err, *_rest, bid) in zip(names, got, strict=True):
+        regular = name == os.fsencode(lib)
+        assert (err, open_err) == (0, 0 if regular else errno.EXDEV), name
+        assert (bid == BID) == regular, name

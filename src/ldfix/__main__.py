@@ -1,5 +1,3 @@
-import sys
+from ldfix.cli import run
 
-from ldfix.cli import main
-
-sys.exit(main())
+run()
