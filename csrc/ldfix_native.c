@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/ptrace.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -812,4 +813,41 @@ out:
     free(done);
     free(buf);
     return ret;
+}
+
+/* struct procmap_query of <linux/fs.h> (Linux 6.11), spelled out: the
+ * headers this is built against may predate it. */
+struct procmap_query_ {
+    uint64_t size, query_flags, query_addr;
+    uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+    uint64_t vma_name_addr, build_id_addr;
+};
+#define PROCMAP_QUERY_ _IOWR('f', 17, struct procmap_query_)
+
+int ldfix_vma_query(int mapsfd, uint64_t addr, struct ldfix_vma *out, char *name,
+                    uint32_t name_size)
+{
+    struct procmap_query_ q;
+
+    memset(&q, 0, sizeof q);
+    q.size = sizeof q;
+    q.query_addr = addr;  /* flags 0: the mapping covering addr, or ENOENT */
+    if (name && name_size) {
+        q.vma_name_addr = (uint64_t)(uintptr_t)name;
+        q.vma_name_size = name_size;
+    }
+    if (ioctl(mapsfd, PROCMAP_QUERY_, &q) < 0)
+        return -errno;
+    memset(out, 0, sizeof *out);
+    out->start = q.vma_start;
+    out->end = q.vma_end;
+    out->offset = q.vma_offset;
+    out->ino = q.inode;
+    out->dev_major = q.dev_major;
+    out->dev_minor = q.dev_minor;
+    out->flags = q.vma_flags;
+    /* vma_name_size comes back counting the terminating NUL (0: no name) */
+    out->name_len = name && name_size && q.vma_name_size ? q.vma_name_size - 1 : 0;
+    return 0;
 }

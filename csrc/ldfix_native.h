@@ -123,4 +123,22 @@ int ldfix_probe_files(int rootfd, size_t n, const char *paths, const uint32_t *o
 int ldfix_image_build_ids(int pid, int memfd, size_t n, const uint64_t *bias,
                           const uint64_t *start, int32_t *bid_len, unsigned char *bids);
 
+/* One mapping of a process, from the PROCMAP_QUERY ioctl on its
+ * /proc/PID/maps (Linux >= 6.11): what one line of the file says, without
+ * reading the whole file. */
+struct ldfix_vma {
+    uint64_t start, end, offset, ino;
+    uint32_t dev_major, dev_minor;
+    uint64_t flags;     /* 1 readable, 2 writable, 4 executable, 8 shared */
+    uint32_t name_len;  /* bytes of the name in the caller's buffer */
+    uint32_t reserved;
+};
+
+/* The mapping covering addr: 0, -ENOENT when nothing is mapped there,
+ * -ENOTTY (or -EINVAL) when the kernel has no PROCMAP_QUERY, or -errno.  The
+ * name (a path as the kernel prints it, or "[vdso]"...) goes to name when
+ * name_size > 0 (-ENAMETOOLONG when it does not fit). */
+int ldfix_vma_query(int mapsfd, uint64_t addr, struct ldfix_vma *out, char *name,
+                    uint32_t name_size);
+
 #endif

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 
@@ -101,6 +102,33 @@ def image_build_ids(pid: int, memfd: int, images: Sequence[tuple[int, int]]) -> 
     raw = ffi.buffer(bids)[:]
     step = lib.LDFIX_BID_MAX
     return [raw[i * step:i * step + k] if (k := lens[i]) > 0 else None for i in range(n)]
+
+
+class VmaQuery:
+    """PROCMAP_QUERY on an open /proc/PID/maps (Linux >= 6.11): the mapping
+    covering an address, one ioctl, without reading the whole file."""
+
+    NAME_MAX = 4096
+
+    def __init__(self, mapsfd: int) -> None:
+        self.fd = mapsfd
+        self._out = ffi.new("struct ldfix_vma *")
+        self._name = ffi.new("char[]", self.NAME_MAX)
+
+    def at(self, addr: int, name: bool = False) -> tuple[int, int, int, int, int, int, int, bytes] | None:
+        """(start, end, offset, dev major, dev minor, inode, flags, name) of
+        the mapping covering addr, None when nothing is mapped there; OSError
+        otherwise (ENOTTY or EINVAL: the kernel has no PROCMAP_QUERY)."""
+        if not 0 <= addr < 1 << 64:
+            return None
+        o = self._out
+        r = lib.ldfix_vma_query(self.fd, addr, o, self._name if name else ffi.NULL,
+                                self.NAME_MAX if name else 0)
+        if r == -errno.ENOENT:
+            return None
+        _check(r, "PROCMAP_QUERY")
+        label = ffi.buffer(self._name, o.name_len)[:] if name else b""
+        return o.start, o.end, o.offset, o.dev_major, o.dev_minor, o.ino, o.flags, label
 
 
 def ptrace_seize(tid: int, options: int = 0) -> None:

@@ -8,6 +8,7 @@ is mapped, whatever the target's mount namespace shows today."""
 from __future__ import annotations
 
 import bisect
+import errno
 from ldfix.log import getLogger
 import os
 import re
@@ -17,7 +18,7 @@ from typing import NamedTuple
 from ldfix import elf, native
 from ldfix.errors import CorruptTarget, LdfixError, UnsupportedTarget, from_oserror
 from ldfix.memory import Memory, read
-from ldfix.procfs import AT_BASE, AT_ENTRY, AT_PHDR, AT_PHNUM, Mapping, Process, parse_maps
+from ldfix.procfs import AT_BASE, AT_ENTRY, AT_PHDR, AT_PHNUM, AT_SYSINFO_EHDR, Mapping, Process, parse_maps
 
 log = getLogger("ldfix.target")
 
@@ -64,27 +65,125 @@ class _Starts:
         return isinstance(addr, int) and addr >= 0 and (b"%x" % addr) in self._hex
 
 
+class _QueriedStarts:
+    """`addr in starts`, one PROCMAP_QUERY per question (the text, should
+    the kernel refuse one)."""
+
+    __slots__ = ("_maps", "_text")
+
+    def __init__(self, maps: _Maps) -> None:
+        self._maps = maps
+        self._text: _Starts | None = None
+
+    def __contains__(self, addr: object) -> bool:
+        if not isinstance(addr, int):
+            return False
+        if self._text is None:
+            try:
+                m = self._maps.query_at(addr)
+                return m is not None and m.start == addr
+            except _NoQuery:
+                self._text = _text_starts(self._maps.raw)
+        return addr in self._text
+
+
+def _text_starts(raw: bytes) -> _Starts:
+    # Every line begins "start-end ": a split costs a fifth of a regex.
+    return _Starts({line.partition(b"-")[0] for line in raw.splitlines()})
+
+
+QUERY_UNSUPPORTED = (errno.ENOTTY, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+class _Maps:
+    """/proc/PID/maps: asked one address at a time with PROCMAP_QUERY where
+    the kernel has it (Linux >= 6.11; LDFIX_PROCMAP_QUERY=0 turns it off), the
+    whole text read (once) where it has not or a question needs every line."""
+
+    def __init__(self, proc: Process) -> None:
+        self.proc = proc
+        self._raw: bytes | None = None
+        self._query: native.VmaQuery | None = None
+        self._fd = -1
+        if os.environ.get("LDFIX_PROCMAP_QUERY", "1") != "0":
+            try:
+                self._fd = os.open(f"{proc.dir}/maps", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise from_oserror(exc, proc.pid, "open /proc/PID/maps") from None
+            self._query = native.VmaQuery(self._fd)
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = self.proc.maps_raw()
+        return self._raw
+
+    @property
+    def queried(self) -> bool:
+        return self._query is not None
+
+    def query_at(self, addr: int, name: bool = False) -> Mapping | None:
+        """The mapping covering addr, by PROCMAP_QUERY (only when `queried`)."""
+        assert self._query is not None
+        try:
+            got = self._query.at(addr, name)
+        except OSError as exc:
+            if exc.errno in QUERY_UNSUPPORTED:
+                self._drop_query()
+                raise _NoQuery() from None
+            raise from_oserror(exc, self.proc.pid, "query /proc/PID/maps") from None
+        if got is None:
+            return None
+        start, end, offset, major, minor, ino, flags, label = got
+        perms = "".join(c if flags & bit else "-" for c, bit in (("r", 1), ("w", 2), ("x", 4))) + \
+            ("s" if flags & 8 else "p")
+        return Mapping(start, end, perms, offset, os.makedev(major, minor), ino, label)
+
+    def starting_at(self, start: int, name: bool = False) -> Mapping | None:
+        if self._query is not None:
+            try:
+                m = self.query_at(start, name)
+                return m if m is not None and m.start == start else None
+            except _NoQuery:
+                pass
+        return _mapping_starting_at(self.raw, start)
+
+    def _drop_query(self) -> None:
+        self._query = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        self._drop_query()
+
+
+class _NoQuery(Exception):
+    """The kernel refused PROCMAP_QUERY: the text serves from now on."""
+
+
 class TargetView:
     """The process as the loader back-ends see it."""
 
     def __init__(self, proc: Process, mem: Memory, maps: list[Mapping], exe_bias: int,
                  dynamic: list[tuple[int, int]], interp_name: bytes | None, r_debug: int,
-                 interp: Interpreter | None, maps_raw: bytes | None = None) -> None:
+                 interp: Interpreter | None, source: _Maps | None = None, vdso_addr: int = 0) -> None:
         self.proc = proc
         self.mem = mem
-        self.maps = maps              # parsed lazily from maps_raw when that is given
+        self.maps = maps              # parsed lazily from the maps text when `source` is given
         self.exe_bias = exe_bias
         self.dynamic = dynamic
         self.interp_name = interp_name
         self.r_debug = r_debug        # 0 when the loader has not filled DT_DEBUG (yet)
         self.interp = interp
-        self.maps_raw = maps_raw      # /proc/PID/maps as read
+        self.source = source          # /proc/PID/maps, queried or read
+        self.vdso_addr = vdso_addr    # AT_SYSINFO_EHDR
         self._index: tuple[list[int], dict[tuple[int, int], int]] | None = None
 
     def all_maps(self) -> list[Mapping]:
         """Every mapping, parsed on first use (5000 lines cost ~20 ms to parse)."""
-        if not self.maps and self.maps_raw:
-            self.maps = parse_maps(self.maps_raw)
+        if not self.maps and self.source is not None:
+            self.maps = parse_maps(self.source.raw)
         return self.maps
 
     def _built(self) -> tuple[list[int], dict[tuple[int, int], int]]:
@@ -113,22 +212,31 @@ class TargetView:
             return None
         return self._built()[1].get((m.dev, m.ino))
 
-    def starts(self) -> _Starts:
+    def starts(self) -> _Starts | _QueriedStarts:
         """Start addresses of every mapping, for `addr in view.starts()` (no full parse)."""
-        if self.maps or not self.maps_raw:
+        if self.source is not None and self.source.queried and not self.maps:
+            return _QueriedStarts(self.source)
+        if self.maps or self.source is None:
             return _Starts({b"%x" % m.start for m in self.maps})
-        # Every line begins "start-end ": a split costs a fifth of a regex.
-        return _Starts({line.partition(b"-")[0] for line in self.maps_raw.splitlines()})
+        return _text_starts(self.source.raw)
 
     def special(self, name: bytes) -> tuple[int, int] | None:
         """(start, end) of a kernel-named mapping such as b"[vdso]"."""
-        if self.maps or not self.maps_raw:
+        if self.maps or self.source is None:
             m = next((m for m in self.maps if m.path == name), None)
             return (m.start, m.end) if m else None
-        i = self.maps_raw.find(b" " + name + b"\n")
+        if name == b"[vdso]" and self.vdso_addr and self.source.queried:
+            try:
+                m = self.source.query_at(self.vdso_addr, name=True)
+                if m is not None and m.path == name:
+                    return m.start, m.end
+            except _NoQuery:
+                pass
+        raw = self.source.raw
+        i = raw.find(b" " + name + b"\n")
         if i < 0:
             return None
-        line = self.maps_raw[self.maps_raw.rfind(b"\n", 0, i) + 1:i]
+        line = raw[raw.rfind(b"\n", 0, i) + 1:i]
         lo, _, hi = line.split(b" ", 1)[0].partition(b"-")
         return int(lo, 16), int(hi, 16)
 
@@ -158,6 +266,8 @@ class TargetView:
     def close(self) -> None:
         if self.interp:
             self.interp.close()
+        if self.source is not None:
+            self.source.close()
 
 
 def _mapping_starting_at(raw: bytes, start: int) -> Mapping | None:
@@ -172,7 +282,15 @@ def _mapping_starting_at(raw: bytes, start: int) -> Mapping | None:
 
 def open_target(proc: Process, mem: Memory) -> TargetView:
     aux = proc.auxv
-    maps_raw = proc.maps_raw()
+    source = _Maps(proc)
+    try:
+        return _open_target(proc, mem, aux, source)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _open_target(proc: Process, mem: Memory, aux: dict[int, int], source: _Maps) -> TargetView:
     phdr_addr, phnum = aux.get(AT_PHDR, 0), aux.get(AT_PHNUM, 0)
     if not phdr_addr or not (0 < phnum <= elf.MAX_PHNUM):
         raise UnsupportedTarget(f"pid {proc.pid}: no program headers in auxv", pid=proc.pid)
@@ -199,12 +317,13 @@ def open_target(proc: Process, mem: Memory) -> TargetView:
     for tag, val in dynamic:
         if tag == elf.DT_DEBUG:
             r_debug = val
-    interp = _open_interpreter(proc, maps_raw, at_base) if at_base else None
-    return TargetView(proc, mem, [], bias, dynamic, interp_name, r_debug, interp, maps_raw)
+    interp = _open_interpreter(proc, source, at_base) if at_base else None
+    return TargetView(proc, mem, [], bias, dynamic, interp_name, r_debug, interp, source,
+                      aux.get(AT_SYSINFO_EHDR, 0))
 
 
-def _open_interpreter(proc: Process, maps_raw: bytes, at_base: int) -> Interpreter:
-    first = _mapping_starting_at(maps_raw, at_base)
+def _open_interpreter(proc: Process, source: _Maps, at_base: int) -> Interpreter:
+    first = source.starting_at(at_base, name=True)
     if first is None or not first.ino:
         raise CorruptTarget(f"pid {proc.pid}: no file mapped at the loader's base 0x{at_base:x}",
                             pid=proc.pid)

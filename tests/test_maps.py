@@ -1,0 +1,149 @@
+"""/proc/PID/maps asked one address at a time (PROCMAP_QUERY, Linux >= 6.11)
+or read whole: both give the same answers, and a kernel without the ioctl is
+served by the text."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import Chroot, Fixtures, Target, ldfix as run_ldfix, replace_with_copy
+from ldfix import native
+from ldfix.memory import ProcessMemory
+from ldfix.procfs import AT_BASE, AT_SYSINFO_EHDR, Process, parse_maps
+from ldfix.target import open_target
+
+
+def _query_works() -> bool:
+    fd = os.open("/proc/self/maps", os.O_RDONLY)
+    try:
+        native.VmaQuery(fd).at(id(fd))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+needs_query = pytest.mark.skipif(not _query_works(), reason="kernel without PROCMAP_QUERY (< 6.11)")
+
+
+def _view(pid: int, query: bool, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("LDFIX_PROCMAP_QUERY", "1" if query else "0")
+    proc = Process(pid)
+    mem = ProcessMemory(pid)
+    return proc, mem, open_target(proc, mem)
+
+
+@needs_query
+def test_queried_and_read_maps_agree(fx: Fixtures, libdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Target([str(fx.target)]) as t:
+        t.open(libdir / "libldfix_demo.so")
+        answers = []
+        for query in (True, False):
+            proc, mem, view = _view(t.pid, query, monkeypatch)
+            try:
+                assert view.source is not None and view.source.queried == query
+                # [vsyscall] is listed in the text but is no mapping of the
+                # process (PROCMAP_QUERY does not see it); no object lives there.
+                lines = [m for m in parse_maps(Path(f"/proc/{t.pid}/maps").read_bytes())
+                         if m.path != b"[vsyscall]"]
+                starts = view.starts()
+                inside = [m.start + 8 for m in lines if m.end - m.start > 8]
+                interp = view.interp
+                assert interp is not None
+                answers.append((
+                    [m.start in starts for m in lines], [a in starts for a in inside],
+                    0 in starts, (1 << 64) - 4096 in starts,
+                    view.special(b"[vdso]"), (interp.start, interp.end, interp.mapping[:6], interp.path),
+                ))
+                assert not query or view.source._raw is None, "the text was read although queries served"
+            finally:
+                view.close()
+                mem.close()
+        q, r = answers
+        assert q == r
+        assert all(q[0]) and not any(q[1]) and not q[2] and not q[3]
+        assert q[4] == (proc.auxv[AT_SYSINFO_EHDR], q[4][1]) and q[5][0] == proc.auxv[AT_BASE]
+
+
+def _dump(pid: int, query: str) -> dict:  # type: ignore[type-arg]
+    res = run_ldfix("dump", "--json", str(pid), env=dict(os.environ, LDFIX_PROCMAP_QUERY=query))
+    assert res.returncode in (0, 8), res.stderr
+    return json.loads(res.stdout)
+
+
+@needs_query
+def test_dump_is_the_same_either_way(fx: Fixtures, fx_musl: Fixtures, libdir: Path) -> None:
+    """glibc (with a dlmopen namespace) and musl, one library stale."""
+    lib = libdir / "libldfix_demo.so"
+    for f, mopen in ((fx, True), (fx_musl, False)):
+        with Target([str(f.target)]) as t:
+            t.open(lib)
+            if mopen:
+                t.open(lib, mopen=True)
+            replace_with_copy(lib)
+            a, b = _dump(t.pid, "1"), _dump(t.pid, "0")
+            assert a == b
+            assert any(o["status"] == "stale" for o in a["objects"])
+
+
+@needs_query
+def test_dump_is_the_same_either_way_in_a_container(box: Chroot) -> None:
+    """glibc 2.41 in a Debian 13 root: paths as the kernel prints them differ
+    from the target's own."""
+    t = box.start()
+    t.open(box.lib())
+    a = _dump(t.pid, "1")
+    assert a == _dump(t.pid, "0") and a["loader"]["version"] == "2.41"
+
+
+def test_a_kernel_without_the_ioctl_is_served_by_the_text(fx: Fixtures, libdir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import ldfix
+
+    def refuse(self, addr: int, name: bool = False):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOTTY, "PROCMAP_QUERY: not supported")
+
+    lib = libdir / "libldfix_demo.so"
+    with Target([str(fx.target)]) as t:
+        t.open(lib)
+        replace_with_copy(lib)
+        want = ldfix.inspect(t.pid)
+        monkeypatch.setattr(native.VmaQuery, "at", refuse)
+        got = ldfix.inspect(t.pid)
+        assert got.loader.layout_source == want.loader.layout_source is not None
+        assert [(o.name, o.status, o.current) for o in got.objects] == \
+            [(o.name, o.status, o.current) for o in want.objects]
+        assert got.counts().get("stale") == 1
+
+
+def test_a_refusal_after_the_first_query_is_served_by_the_text(fx: Fixtures, libdir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter's mapping is queried, every later question refused."""
+    import ldfix
+
+    real = native.VmaQuery.at
+    calls = []
+
+    def once(self, addr: int, name: bool = False):  # type: ignore[no-untyped-def]
+        calls.append(addr)
+        if len(calls) > 1:
+            raise OSError(errno.EINVAL, "PROCMAP_QUERY: refused")
+        return real(self, addr, name)
+
+    lib = libdir / "libldfix_demo.so"
+    with Target([str(fx.target)]) as t:
+        t.open(lib)
+        replace_with_copy(lib)
+        want = ldfix.inspect(t.pid)
+        monkeypatch.setattr(native.VmaQuery, "at", once)
+        got = ldfix.inspect(t.pid)
+        assert len(calls) >= 2 or not _query_works()
+        assert [(o.name, o.status, o.current) for o in got.objects] == \
+            [(o.name, o.status, o.current) for o in want.objects]
+        assert got.counts().get("stale") == 1
