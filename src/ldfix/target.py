@@ -80,8 +80,7 @@ class _QueriedStarts:
             return False
         if self._text is None:
             try:
-                m = self._maps.query_at(addr)
-                return m is not None and m.start == addr
+                return self._maps.is_start(addr)
             except _NoQuery:
                 self._text = _text_starts(self._maps.raw)
         return addr in self._text
@@ -138,6 +137,17 @@ class _Maps:
         perms = "".join(c if flags & bit else "-" for c, bit in (("r", 1), ("w", 2), ("x", 4))) + \
             ("s" if flags & 8 else "p")
         return Mapping(start, end, perms, offset, os.makedev(major, minor), ino, label)
+
+    def is_start(self, addr: int) -> bool:
+        """Whether a mapping begins at addr, by PROCMAP_QUERY (only when `queried`)."""
+        assert self._query is not None
+        try:
+            return self._query.is_start(addr)
+        except OSError as exc:
+            if exc.errno in QUERY_UNSUPPORTED:
+                self._drop_query()
+                raise _NoQuery() from None
+            raise from_oserror(exc, self.proc.pid, "query /proc/PID/maps") from None
 
     def starting_at(self, start: int, name: bool = False) -> Mapping | None:
         if self._query is not None:
