@@ -101,6 +101,14 @@ class Target:
             raise RuntimeError(f"dlopen failed: {reply}")
         return Opened(int(m.group(1), 16), int(m.group(2), 16), int(m.group(3)), int(m.group(4)))
 
+    def nsopen(self, lmid: int, path: str | Path) -> Opened:
+        """dlmopen(lmid, path): into the existing namespace lmid."""
+        reply = self.cmd(f"nsopenx {lmid} {os.fsencode(path).hex()}")
+        m = _OPEN_RE.match(reply)
+        if not m:
+            raise RuntimeError(f"dlmopen failed: {reply}")
+        return Opened(int(m.group(1), 16), int(m.group(2), 16), int(m.group(3)), int(m.group(4)))
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
