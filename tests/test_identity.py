@@ -319,3 +319,34 @@ def test_native_file_reader_never_opens_procfs_or_sysfs(tmp_path: Path) -> None:
         regular = name == os.fsencode(lib)
         assert (err, open_err) == (0, 0 if regular else errno.EXDEV), name
         assert (bid == BID) == regular, name
+
+
+def test_byte_compare_is_bounded_and_short_cuts_the_file_itself(tmp_path: Path) -> None:
+    from ldfix import identity
+    from ldfix.procfs import Process
+
+    root = identity.RootView(Process(os.getpid()))
+    try:
+        a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+        a.write_bytes(b"x" * 3_000_000)
+        b.write_bytes(b"x" * 3_000_000)
+        c.write_bytes(b"x" * 2_999_999 + b"y")
+        ids = {p: FileId(os.stat(p).st_dev, os.stat(p).st_ino) for p in (a, b, c)}
+        fa = os.open(a, os.O_RDONLY)
+        try:
+            assert root.same_bytes(os.fsencode(a), ids[a], fa) == \
+                (True, "no build-id; the mapped file is the file itself")
+            assert root.compare_budget == identity.COMPARE_BUDGET  # nothing read
+            assert root.same_bytes(os.fsencode(b), ids[b], fa) == \
+                (True, "no build-id; byte-identical to the mapped file")
+            assert root.same_bytes(os.fsencode(c), ids[c], fa)[0] is False
+            assert root.same_bytes(os.fsencode(b), ids[c], fa) == \
+                (None, "the file was replaced while it was being compared")
+            root.compare_budget = 2_000_000  # less than one file: undecided, nothing read
+            same, how = root.same_bytes(os.fsencode(b), ids[b], fa)
+            assert same is None and "more than ldfix allows" in how
+            assert root.compare_budget == 2_000_000
+        finally:
+            os.close(fa)
+    finally:
+        root.close()

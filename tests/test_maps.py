@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,36 @@ def test_a_refusal_after_the_first_query_is_served_by_the_text(fx: Fixtures, lib
         assert [(o.name, o.status, o.current) for o in got.objects] == \
             [(o.name, o.status, o.current) for o in want.objects]
         assert got.counts().get("stale") == 1
+
+
+def test_a_loader_path_longer_than_a_page(fx: Fixtures, tmp_path: Path) -> None:
+    """A program run from a directory 4.6 KiB deep with --dynamic-linker=./ld.so:
+    the kernel's name of the loader's mapping does not fit PROCMAP_QUERY's
+    buffer (ENAMETOOLONG); the text answers that question."""
+    import subprocess
+
+    prog = tmp_path / "prog"
+    subprocess.run(["gcc", "-O2", "-rdynamic", "-Wl,--dynamic-linker=./ld.so", "-o", str(prog),
+                    str(Path(__file__).parent.parent / "csrc/fixtures/target.c"), "-ldl", "-lpthread"],
+                   check=True)
+    segments = ["d" * 250] * 19
+    fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    for seg in segments:  # deeper than PATH_MAX: built one directory at a time
+        os.mkdir(seg, dir_fd=fd)
+        nfd = os.open(seg, os.O_PATH | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    ld = os.path.realpath("/lib64/ld-linux-x86-64.so.2")
+    # chdir one short relative step at a time (a shell's cd would build the whole path)
+    script = ("import os, shutil, sys\n"
+              f"os.chdir({str(tmp_path)!r})\n"
+              f"for s in {segments!r}: os.chdir(s)\n"
+              f"shutil.copy2({str(prog)!r}, 'prog'); shutil.copy2({ld!r}, 'ld.so')\n"
+              "os.execv('./prog', ['./prog'])\n")
+    with Target([sys.executable, "-c", script]) as t:
+        t.open(fx.lib)
+        a, b = _dump(t.pid, "1"), _dump(t.pid, "0")
+        assert a == b
+        assert a["loader"]["layout_source"] is not None
+        assert any(o["name"] == str(fx.lib) and o["status"] == "ok" for o in a["objects"])

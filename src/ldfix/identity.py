@@ -60,6 +60,7 @@ class RootView:
 
     def __init__(self, proc: Process) -> None:
         self.rootfd = proc.open_root()
+        self.compare_budget = COMPARE_BUDGET  # bytes same_bytes may still read
         root = proc.readlink("root") or "/"
         cwd = proc.readlink("cwd")
         self.cwd: str | None = None
@@ -148,7 +149,16 @@ class RootView:
 
     def same_bytes(self, name: bytes, expect: FileId, mapped_fd: int) -> tuple[bool | None, str]:
         """Whether the file at `name` (still the one with id `expect`) holds
-        exactly the bytes of the mapped file open at `mapped_fd`."""
+        exactly the bytes of the mapped file open at `mapped_fd`.
+
+        Bounded: files of at most COMPARE_MAX bytes, and COMPARE_BUDGET bytes
+        per process over all its files (a container could otherwise make
+        every run read gigabytes)."""
+        mapped = os.fstat(mapped_fd)
+        if FileId(mapped.st_dev, mapped.st_ino) == expect:
+            # After a real restore the mapping is of the very file the path
+            # names now: comparing it with itself would read it twice for nothing.
+            return True, "no build-id; the mapped file is the file itself"
         try:
             pfd = self._open_path(name)
         except FileProblem as exc:
@@ -164,32 +174,39 @@ class RootView:
         finally:
             os.close(pfd)
         try:
-            return compare_files(mapped_fd, fd)
+            limit = min(COMPARE_MAX, self.compare_budget)
+            same, how, used = compare_files(mapped_fd, fd, limit)
+            self.compare_budget -= used
+            return same, how
         finally:
             os.close(fd)
 
 
-COMPARE_MAX = 1 << 30   # bytes compared per file at most (no build-id only)
+COMPARE_MAX = 256 << 20      # bytes of one file compared at most (no build-id only)
+COMPARE_BUDGET = 1 << 30     # bytes compared per process, over all its files
 COMPARE_CHUNK = 1 << 20
 
 
-def compare_files(a: int, b: int) -> tuple[bool | None, str]:
-    """Byte-compare two open regular files, in bounded chunks."""
+def compare_files(a: int, b: int, limit: int = COMPARE_MAX) -> tuple[bool | None, str, int]:
+    """Byte-compare two open regular files of at most `limit` bytes, in
+    bounded chunks: (same or None when undecided, how, bytes read of each)."""
     size_a, size_b = os.fstat(a).st_size, os.fstat(b).st_size
     if size_a != size_b:
-        return False, "no build-id; the file's size differs from the mapped file's"
-    if size_a > COMPARE_MAX:
-        return None, f"no build-id, and the file is too large to compare (over {COMPARE_MAX >> 20} MiB)"
+        return False, "no build-id; the file's size differs from the mapped file's", 0
+    if size_a > limit:
+        return None, (f"no build-id, and comparing the file would read more than ldfix allows "
+                      f"({limit >> 20} MiB left of {COMPARE_MAX >> 20} per file, "
+                      f"{COMPARE_BUDGET >> 20} per process)"), 0
     off = 0
     while off < size_a:
         want = min(COMPARE_CHUNK, size_a - off)
         x, y = os.pread(a, want, off), os.pread(b, want, off)
         if len(x) != want or len(y) != want:
-            return None, "no build-id, and a file came back short while comparing"
-        if x != y:
-            return False, "no build-id; the file's bytes differ from the mapped file's"
+            return None, "no build-id, and a file came back short while comparing", off
         off += want
-    return True, "no build-id; byte-identical to the mapped file"
+        if x != y:
+            return False, "no build-id; the file's bytes differ from the mapped file's", off
+    return True, "no build-id; byte-identical to the mapped file", off
 
 
 def _lookup_problem(err: int) -> str:

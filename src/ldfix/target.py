@@ -80,9 +80,11 @@ class _QueriedStarts:
             return False
         if self._text is None:
             try:
-                return self._maps.is_start(addr)
+                if self._maps.queried:
+                    return self._maps.is_start(addr)
             except _NoQuery:
-                self._text = _text_starts(self._maps.raw)
+                pass
+            self._text = _text_starts(self._maps.raw)
         return addr in self._text
 
 
@@ -130,6 +132,8 @@ class _Maps:
             if exc.errno in QUERY_UNSUPPORTED:
                 self._drop_query()
                 raise _NoQuery() from None
+            if exc.errno == errno.ENAMETOOLONG:
+                raise _NameTooLong() from None  # over 4 KiB: the text has it
             raise from_oserror(exc, self.proc.pid, "query /proc/PID/maps") from None
         if got is None:
             return None
@@ -154,7 +158,7 @@ class _Maps:
             try:
                 m = self.query_at(start, name)
                 return m if m is not None and m.start == start else None
-            except _NoQuery:
+            except (_NoQuery, _NameTooLong):
                 pass
         return _mapping_starting_at(self.raw, start)
 
@@ -170,6 +174,10 @@ class _Maps:
 
 class _NoQuery(Exception):
     """The kernel refused PROCMAP_QUERY: the text serves from now on."""
+
+
+class _NameTooLong(Exception):
+    """The mapping's name did not fit the query's buffer: the text serves this question."""
 
 
 class TargetView:
@@ -240,7 +248,7 @@ class TargetView:
                 m = self.source.query_at(self.vdso_addr, name=True)
                 if m is not None and m.path == name:
                     return m.start, m.end
-            except _NoQuery:
+            except (_NoQuery, _NameTooLong):
                 pass
         raw = self.source.raw
         i = raw.find(b" " + name + b"\n")
