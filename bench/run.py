@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ldfix benchmarks (issue: Performance).  One command prints every goal:
 
-    python3 bench/run.py [--runs 5] [--only G1,G2,...] [--workdir /dev/shm/ldfix-bench]
+    python3 bench/run.py [--runs 7] [--only G1,G2,...] [--workdir /dev/shm/ldfix-bench]
 
 Workloads (all real processes, built here from csrc/fixtures):
   W1  one glibc process, 1000 dlopen()ed libraries, all stale; also with 16 threads
@@ -11,7 +11,8 @@ Workloads (all real processes, built here from csrc/fixtures):
 A restore is simulated by swapping every library for a byte-identical twin
 (two inodes per library, alternated, both kept alive so numbers never recur).
 Every figure is a median of --runs runs; every goal is a ratio against a
-reference measured in the same run (python -c pass, pldd, /bin/true)."""
+reference measured in the same run (python -c pass, pldd, /bin/true), run
+alternately with what it measures so that both see the same noise."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -57,12 +59,42 @@ def _last_rss(pid: int) -> int:
     return _RSS.get(pid, 0)
 
 
-def run_rss(argv: list[str]) -> int:
-    """Peak RSS (KiB) of one run of argv, from wait4."""
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, _, ru = os.wait4(p.pid, 0)
-    p.returncode = 0
-    return ru.ru_maxrss
+# A process's peak RSS survives fork and exec (Linux keeps the high-water
+# mark in the signal struct): a child forked from this ~20 MiB interpreter
+# would report at least 20 MiB whatever it runs.  So the command is started
+# by a small C program, whose own peak is ~1 MiB, and it reports the child's.
+RSS_OF = r"""
+#include <stdio.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv)
+{
+    struct rusage ru;
+    int status;
+    pid_t pid = fork();
+    if (pid == 0) {
+        execvp(argv[1], argv + 1);
+        _exit(127);
+    }
+    if (pid < 0 || wait4(pid, &status, 0, &ru) < 0)
+        return 1;
+    printf("%ld\n", ru.ru_maxrss);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+"""
+_RSS_TOOL: list[str] = []
+
+
+def run_rss(argv: list[str], work: Path) -> int:
+    """Peak RSS (KiB) of one run of argv."""
+    if not _RSS_TOOL:
+        src, exe = work / "rss_of.c", work / "rss_of"
+        src.write_text(RSS_OF)
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
+        _RSS_TOOL.append(str(exe))
+    out = subprocess.run([_RSS_TOOL[0], *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def median(xs: list[float]) -> float:
@@ -135,8 +167,12 @@ class Results:
         return "\n".join(lines)
 
 
-def fix_runs(pid: int, libs: Libs, runs: int, extra: list[str] | None = None) -> tuple[list[float], list[int]]:
+def fix_runs(pid: int, libs: Libs, runs: int, extra: list[str] | None = None,
+             refs: dict[str, list[str]] | None = None) -> tuple[list[float], list[int], dict[str, list[float]]]:
+    """`runs` fixes of pid (each after a fresh simulated restore), each
+    followed by one run of every reference: both see the same noise."""
     times, pauses = [], []
+    ref_times: dict[str, list[float]] = {k: [] for k in refs or {}}
     for _ in range(runs):
         libs.restale()
         dt, out, _ = timed(LDFIX + ["fix", "--json", *(extra or []), str(pid)])
@@ -146,7 +182,18 @@ def fix_runs(pid: int, libs: Libs, runs: int, extra: list[str] | None = None) ->
         assert sum(len(p["rewritten"]) for p in procs) >= libs.n, "not every library was rewritten"
         times.append(dt)
         pauses.append(max(p["pause_us"] for p in procs))
-    return times, pauses
+        for k, argv in (refs or {}).items():
+            ref_times[k].append(timed(argv)[0])
+    return times, pauses, ref_times
+
+
+def paired(measure: Callable[[], float], ref: list[str], runs: int) -> tuple[float, float]:
+    """Medians of `measure` and of the reference, run alternately."""
+    a, b = [], []
+    for _ in range(runs):
+        a.append(measure())
+        b.append(timed(ref)[0])
+    return median(a), median(b)
 
 
 def reference(argv: list[str], runs: int) -> float:
@@ -155,7 +202,7 @@ def reference(argv: list[str], runs: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--only", default="", help="comma-separated goals (G1..G6,MEM)")
     ap.add_argument("--workdir", default="/dev/shm/ldfix-bench")
     args = ap.parse_args()
@@ -178,49 +225,48 @@ def main() -> int:
     try:
         load_all(w1, libs1000.paths())
         if want("G1") or want("G2") or want("G5") or want("G6") or want("MEM"):
-            t_fix, pauses = fix_runs(w1.pid, libs1000, runs)
-            w1_fix = median(t_fix)
-            pldd = reference(["pldd", str(w1.pid)], runs)
-            py_pass = reference([PY, "-c", "pass"], runs)  # again, side by side
+            t_fix, pauses, refs = fix_runs(w1.pid, libs1000, runs,
+                                           refs={"pass": [PY, "-c", "pass"], "pldd": ["pldd", str(w1.pid)]})
+            w1_fix, py_pass = median(t_fix), median(refs["pass"])
+            w1_own = max(w1_fix - py_pass, 0)  # W1's own work, above the interpreter's start
             res.goal("G1", "fix W1 (1000 stale libs) vs python -c pass", w1_fix, py_pass, 3 * py_pass)
+            pldd = median(refs["pldd"])
             res.goal("G2", "pause W1 (1 thread) vs pldd run", median(pauses) / 1e6, pldd, pldd)
             w16 = Target([str(fx.target)], timeout=120)
             targets.append(w16)
             load_all(w16, libs1000.paths())
             assert w16.cmd("threads 15") == "ok"
-            _t16, p16 = fix_runs(w16.pid, libs1000, runs)
-            pldd16 = reference(["pldd", str(w16.pid)], runs)
+            _t16, p16, refs16 = fix_runs(w16.pid, libs1000, runs, refs={"pldd": ["pldd", str(w16.pid)]})
+            pldd16 = median(refs16["pldd"])
             res.goal("G2", "pause W1 (16 threads) vs pldd run", median(p16) / 1e6, pldd16, pldd16)
             w16.kill()
             targets.remove(w16)
         if want("G3"):
-            t_dump = [timed(LDFIX + ["dump", "--json", str(w1.pid)])[0] for _ in range(runs)]
-            py_pass = reference([PY, "-c", "pass"], runs)
-            res.goal("G3", "dump --json W1 vs python -c pass", median(t_dump), py_pass, 3 * py_pass)
+            dump, py_pass = paired(lambda: timed(LDFIX + ["dump", "--json", str(w1.pid)])[0],
+                                   [PY, "-c", "pass"], runs)
+            res.goal("G3", "dump --json W1 vs python -c pass", dump, py_pass, 3 * py_pass)
         if want("MEM"):
-            import_rss = median([run_rss([PY, "-c", "import ldfix"]) for _ in range(runs)])
+            import_rss = median([run_rss([PY, "-c", "import ldfix"], work) for _ in range(runs)])
             fix_rss = []
             for _ in range(runs):
                 libs1000.restale()
-                fix_rss.append(run_rss(LDFIX + ["fix", str(w1.pid)]))
+                fix_rss.append(run_rss(LDFIX + ["fix", str(w1.pid)], work))
             res.goal("MEM", "peak RSS fix W1 vs import ldfix", median(fix_rss), import_rss, 2 * import_rss, "KiB")
         if want("G6"):
             env = dict(os.environ, CRTOOLS_SCRIPT_ACTION="pre-dump")
-            ign = median([timed([HOOK], env=env)[0] for _ in range(max(runs, 21))])
-            true = median([timed(["/bin/true"], env=env)[0] for _ in range(max(runs, 21))])
+            ign, true = paired(lambda: timed([HOOK], env=env)[0], ["/bin/true"], max(runs, 21))
             res.goal("G6", "hook, ignored stage vs /bin/true", ign, true, 3 * true)
-            act = []
-            for _ in range(runs):
+
+            def acting() -> float:
                 libs1000.restale()
                 os.kill(w1.pid, signal.SIGSTOP)
                 try:
                     env = dict(os.environ, CRTOOLS_SCRIPT_ACTION="post-restore", CRTOOLS_INIT_PID=str(w1.pid))
-                    dt, _, _ = timed([HOOK], env=env)
+                    return timed([HOOK], env=env)[0]
                 finally:
                     os.kill(w1.pid, signal.SIGCONT)
-                act.append(dt)
-            py_pass = reference([PY, "-c", "pass"], runs)
-            res.goal("G6", "hook, acting stage on W1 vs python -c pass", median(act), py_pass, 3 * py_pass)
+            act, py_pass = paired(acting, [PY, "-c", "pass"], runs)
+            res.goal("G6", "hook, acting stage on W1 vs python -c pass", act, py_pass, 3 * py_pass)
         if want("G4"):
             per: dict[int, float] = {}
             syscalls: dict[int, int] = {}
@@ -230,7 +276,7 @@ def main() -> int:
                 if t is not w1:
                     targets.append(t)
                     load_all(t, libs.paths())
-                times, _ = fix_runs(t.pid, libs, runs)
+                times, _, _ = fix_runs(t.pid, libs, runs)
                 per[n] = median(times)
                 libs.restale()
                 subprocess.run(["strace", "-f", "-c", "-o", str(work / f"strace{n}.txt"), *LDFIX,
@@ -259,9 +305,9 @@ def main() -> int:
                 kids.append(k)
             for k in kids:
                 load_all(k, libs50.paths())
-            t_tree, _ = fix_runs(root.pid, libs50, runs, ["--tree"])
-            py_pass = reference([PY, "-c", "pass"], runs)
-            per_proc = max(w1_fix - py_pass, 0) / 20 if want("G1") or True else 0
+            t_tree, _, refs = fix_runs(root.pid, libs50, runs, ["--tree"], refs={"pass": [PY, "-c", "pass"]})
+            py_pass = median(refs["pass"])
+            per_proc = w1_own / 20  # W3 has 50 libraries a process, W1 1000
             bound = 2 * (py_pass + 100 * per_proc)
             res.goal("G5", "fix --tree W3 (100 procs x 50 libs)", median(t_tree), py_pass + 100 * per_proc, bound)
             for k in kids:
