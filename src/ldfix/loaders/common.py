@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ldfix.identity import FileFacts, FileProblem, RootView, image_facts, same_content
+from ldfix.identity import FileFacts, FileProblem, Probe, RootView, image_facts, same_content
 from ldfix.memory import Memory, image_build_ids
 from ldfix.model import FileId, LoadedObject, Status
 
@@ -17,33 +18,72 @@ class IdSlot(NamedTuple):
     removed: bool = False  # glibc l_removed: never written
 
 
+class Lookups:
+    """The files of the objects worth looking up, looked up in one native
+    call; started in a thread when asked to, so that the kernel's path walks
+    overlap the layout's cross-check (cffi releases the GIL)."""
+
+    def __init__(self, root: RootView, objects: list[LoadedObject], slots: dict[int, IdSlot],
+                 unnamed: set[int], background: bool = False) -> None:
+        self.looked = [o for o in objects if o.role != "vdso" and not o.name.endswith(TRUNCATED)
+                       and o.address not in unnamed]
+        self._names = [o.name for o in self.looked]
+        self._stored = [slots[o.address].stored for o in self.looked]
+        self._root = root
+        self._probes: list[Probe] | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background and self.looked:
+            self._thread = threading.Thread(target=self._run, name="ldfix-lookups", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._probes = self._root.probe_many(self._names, self._stored)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self._error = exc
+
+    def result(self) -> list[Probe]:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        elif self._probes is None and self._error is None:
+            self._run()
+        if self._error is not None:
+            raise self._error
+        return self._probes or []
+
+    def wait(self) -> None:
+        """Let a background lookup end (its result unused)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
 def classify(mem: Memory, root: RootView, objects: list[LoadedObject],
              slots: dict[int, IdSlot], unnamed: set[int],
-             open_mapped: Callable[[int], int | None] | None = None) -> None:
+             open_mapped: Callable[[int], int | None] | None = None,
+             lookups: Lookups | None = None) -> None:
     """Set stored/current/status/reason/writable of every object.
 
     `slots` maps an object's address to its id slot; `unnamed` holds objects
     whose recorded name is not a path to resolve (glibc's program map);
-    `open_mapped(address)` opens the file mapped there, if it can.
+    `open_mapped(address)` opens the file mapped there, if it can;
+    `lookups`, when given, were started earlier with these slots.
 
     Every file is looked up in one native call; only a file whose id is not
     the stored one is opened (its build-id read).  Where both the file and
     the mapped image have a build-id, they decide; otherwise (no build-id,
     unusual headers) identity.same_content does, in Python."""
-    looked: list[LoadedObject] = []
+    lookups = lookups or Lookups(root, objects, slots, unnamed)
     problems: dict[int, str] = {}
     for o in objects:
         slot = slots[o.address]
         o.stored, o.id_address = slot.stored, slot.address
-        if o.role == "vdso":
-            continue
-        if o.name.endswith(TRUNCATED):
+        if o.role != "vdso" and o.name.endswith(TRUNCATED):
             problems[o.address] = "the recorded name is unreadable or too long"
-        elif o.address not in unnamed:
-            looked.append(o)
-    probes = root.probe_many([o.name for o in looked], [o.stored for o in looked])  # type: ignore[misc]
     build_ids: dict[int, bytes | None] = {}
-    for o, p in zip(looked, probes):
+    for o, p in zip(lookups.looked, lookups.result(), strict=True):
         o.current = p.current
         if p.current is None:
             problems[o.address] = p.problem

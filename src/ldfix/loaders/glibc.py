@@ -17,7 +17,7 @@ from ldfix.identity import RootView
 from ldfix.layout import (ALL_SOURCES, GlibcLayout, debug_file_candidates, dwarf_glibc_layout_cached,
                           layout_from_row, probe_scan, structure_scan, with_source)
 from ldfix.loaders.base import Analysis, BusyField, busy_reason
-from ldfix.loaders.common import NAME_LIMIT, IdSlot, classify, phnum_mismatches, read_names  # noqa: F401  (NAME_LIMIT: re-exported)
+from ldfix.loaders.common import Lookups, NAME_LIMIT, IdSlot, classify, phnum_mismatches, read_names  # noqa: F401  (NAME_LIMIT: re-exported)
 from ldfix.memory import (WALK_BAD_POINTER, WALK_BUDGET, WALK_CYCLE, WALK_END, WALK_UNREADABLE,
                           Memory, Reachable, read, walk_list)
 from ldfix.model import FileId, Inspection, LoadedObject, LoaderInfo, Status
@@ -305,10 +305,25 @@ class GlibcBackend:
         layout, why = self.decide_layout(root, ordinary, fixed)
         busy: list[BusyField] = []
         candidate = layout or pre
+        by_addr = {m.addr: m for m in all_maps}
+        slots: dict[int, IdSlot] = {}
+        lookups = None
         if layout is None:
             info.layout_error = why
         else:
-            problems = self.cross_check(layout, lists, roles)
+            for o in objects:
+                m = by_addr[o.address]
+                removed = layout.l_removed is not None and \
+                    bool(m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1)
+                slots[o.address] = IdSlot(FileId.unpack(m.raw[layout.file_id:layout.file_id + 16]),
+                                          o.address + layout.file_id, removed)
+            # The files are looked up while the layout is cross-checked; the
+            # lookups only read (ids, build-ids), and are dropped if it fails.
+            lookups = Lookups(root, objects, slots, unnamed, background=True)
+            try:
+                problems = self.cross_check(layout, lists, roles)
+            finally:
+                lookups.wait()
             if problems:
                 info.layout_error = (f"layout from {layout.source} failed the cross-check on the "
                                      f"target: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -316,22 +331,15 @@ class GlibcBackend:
         if layout is not None:
             info.layout_source = layout.source
             # Namespace ids come from l_ns now that the layout is verified.
-            by_addr = {m.addr: m for m in all_maps}
-            for o in objects:
-                o.namespace = by_addr[o.address].word(layout.l_ns)
-            slots = {}
             for o in objects:
                 m = by_addr[o.address]
+                o.namespace = m.word(layout.l_ns)
                 if layout.l_map_start is not None and layout.l_map_end is not None:
                     o.map_start, o.map_end = m.word(layout.l_map_start), m.word(layout.l_map_end)
                 elif m.l_ld:
                     # No l_map_start in this layout: the lowest mapping of the file holding l_ld.
                     o.map_start = view.file_start(m.l_ld)
-                removed = layout.l_removed is not None and \
-                    bool(m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1)
-                slots[o.address] = IdSlot(FileId.unpack(m.raw[layout.file_id:layout.file_id + 16]),
-                                          o.address + layout.file_id, removed)
-            classify(mem, root, objects, slots, unnamed, view.open_mapped)
+            classify(mem, root, objects, slots, unnamed, view.open_mapped, lookups)
             busy = self._busy_fields(layout, lists)
             info.lock_check = "r_state and _dl_load_lock" if any(b.owner_offset is not None for b in busy) \
                 else "r_state only"
