@@ -594,7 +594,7 @@ def test_image_facts_on_garbage_elf_headers(name: str) -> None:
 
 NOTE_CASES: dict[str, dict[str, object]] = {
     "filesz-2**63": {"notes": note(desc=BID), "note_filesz": 1 << 63},
-    "filesz-above-64k": {"notes": note(desc=BID), "note_filesz": 65537},
+    "filesz-above-NOTE_MAX": {"notes": note(desc=BID), "note_filesz": elf.NOTE_MAX + 1, "size": 0x3000},
     "namesz-4G": {"notes": note(desc=BID, namesz=0xFFFF_FFFF)},
     "descsz-4G": {"notes": note(desc=BID, descsz=0xFFFF_FFFF)},
     "descsz-1025": {"notes": note(desc=bytes(1025))},
