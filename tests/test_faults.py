@@ -622,3 +622,58 @@ def test_hostile_l_name_on_a_live_target(fallback: bool, target: Target, libdir:
     if r.returncode == 0:
         names = [o["name"] for o in json.loads(r.stdout)["objects"]]
         assert not any(n.endswith("libldfix_demo.so") for n in names)
+
+
+def _respawn_at(pid: int, argv: list[str], tries: int = 5) -> Target | None:
+    """A new Target given exactly `pid` (free by now), as CRIU does it:
+    /proc/sys/kernel/ns_last_pid set to pid - 1 just before the fork."""
+    for _ in range(tries):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        t = Target(argv)
+        if t.pid == pid:
+            return t
+        t.kill()  # another fork came first
+    return None
+
+
+def test_a_pid_reused_between_plan_and_write_gets_nothing(fx: Fixtures, libdir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """(e) The analysed process exits after planning and a new process gets
+    its pid before the freeze: ldfix stops it (ptrace goes by pid) but its
+    pidfd says the analysed process is gone, so nothing is written."""
+    import ldfix.repair as repair
+    from ldfix.errors import NoSuchProcess
+
+    lib = libdir / "libldfix_demo.so"
+    victim = Target([str(fx.target)])
+    victim.open(lib)
+    replace_with_copy(lib)
+    pid = victim.pid
+    newcomer: list[Target] = []
+    real_hold = repair._hold
+
+    def hold(session, stopped_by):  # type: ignore[no-untyped-def]
+        if not newcomer:
+            victim.kill()  # killed and reaped: the pid is free
+            t = _respawn_at(pid, [str(fx.target)])
+            if t is None:
+                pytest.skip(f"pid {pid} could not be given to a new process")
+            newcomer.append(t)
+            assert t.open(lib).handle  # it even loaded the same library
+        return real_hold(session, stopped_by)
+
+    monkeypatch.setattr(repair, "_hold", hold)
+    try:
+        with pytest.raises(NoSuchProcess, match="exited during the run \\(nothing written\\)"):
+            repair.fix(pid)
+        (t,) = newcomer
+        assert t.alive() and t.cmd("threads 1") == "ok"  # released, running
+        ins = ldfix.inspect(t.pid)
+        st = os.stat(lib)
+        (mine,) = [o for o in ins.objects if o.name == os.fsencode(lib)]
+        assert mine.stored == (st.st_dev, st.st_ino) and ins.counts().get("stale", 0) == 0
+    finally:
+        victim.kill()
+        for t in newcomer:
+            t.kill()

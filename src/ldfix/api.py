@@ -68,6 +68,9 @@ def _backend(view: TargetView, arch: str, options: Options):  # type: ignore[no-
 def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
     options = options or Options.from_env()
     proc = Process(pid)
+    # Pinned before anything is read: a write can never land in a process
+    # that took this pid after the analysed one exited (repair checks).
+    proc.pin()
     check_target(proc)
     arch = arch_name(proc)
     mem = ProcessMemory(proc.pid)
@@ -97,6 +100,7 @@ def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
         if view is not None:
             view.close()
         mem.close()
+        proc.close()
 
 
 def inspect(pid: int, *, debug_dirs: Sequence[str] | None = None,

@@ -70,6 +70,40 @@ class Process:
         if fields.get("Kthread", "0").strip() == "1":
             raise UnsupportedTarget(f"pid {pid}: kernel thread, no user-space loader", pid=pid)
 
+    _pidfd: int | None = None
+
+    def pin(self) -> None:
+        """Hold a pidfd on the process (Linux 5.3+): from then on still_same()
+        tells whether self.pid names this very process, not one that got its
+        pid after it exited.  Without pidfds (ENOSYS) nothing is pinned."""
+        if self._pidfd is not None:
+            return
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            raise NoSuchProcess(f"pid {self.pid}: no such process", pid=self.pid) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+                raise from_oserror(exc, self.pid, "pidfd_open") from None
+
+    def still_same(self) -> bool:
+        """False once the pinned process has exited (its pid may name another)."""
+        if self._pidfd is None:
+            return self.alive()
+        import signal
+        try:
+            signal.pidfd_send_signal(self._pidfd, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # it exists
+        return True
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
     def _read(self, name: str) -> bytes:
         try:
             with open(f"{self.dir}/{name}", "rb") as f:

@@ -16,7 +16,7 @@ import time
 from typing import NamedTuple
 
 from ldfix.api import Options, Session, open_session
-from ldfix.errors import CorruptTarget, LayoutUnverified, LdfixError, LoaderBusy, WriteFailed
+from ldfix.errors import CorruptTarget, LayoutUnverified, LdfixError, LoaderBusy, NoSuchProcess, WriteFailed
 from ldfix.errors import AccessDenied
 from ldfix.freeze import Freeze, freeze, tracer_of
 from ldfix.memory import Swapper, swap16
@@ -123,6 +123,9 @@ def _write_under_hold(session: Session, prep: Prepared) -> tuple[str | None, str
     """Checks and writes while held.  Returns (None, "") when written, else
     ("busy" | "replan", why): retry after a back-off, re-planning for "replan"."""
     mem, analysis = session.mem, session.analysis
+    if not session.proc.still_same():
+        raise NoSuchProcess(f"pid {session.proc.pid}: exited during the run (nothing written)",
+                            pid=session.proc.pid)
     busy = analysis.busy(mem)
     if busy:
         return "busy", busy
