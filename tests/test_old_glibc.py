@@ -139,3 +139,36 @@ def test_pldd_and_dump_list_the_same_objects_on_glibc_231(old_box: Chroot) -> No
     ins = ldfix.inspect(t.pid)
     names = {o.display_name for o in ins.objects if o.namespace == 0 and o.role != "main"}
     assert listed == names and lib in names
+
+
+def test_table_rows_for_231_match_dwarf(bullseye: Path) -> None:
+    """The 2.31-2.32 x86_64 row and the 2.17-2.31 _rtld_global row against
+    bullseye's own DWARF (libc6-dbg), on every field ldfix reads, _dl_ns's
+    stride and _ns_debug included (2.31 has no r_next chain: they are how the
+    namespaces are found)."""
+    from ldfix import layouts_table as table
+    from ldfix.elf import ElfFile
+    from ldfix.layout import dwarf_glibc_layout, layout_from_row
+
+    ld = bullseye / "lib/x86_64-linux-gnu/ld-2.31.so"
+    fd = os.open(ld, os.O_RDONLY)
+    try:
+        bid = ElfFile(fd, os.fstat(fd).st_size).build_id()
+    finally:
+        os.close(fd)
+    assert bid
+    dbg = bullseye / "usr/lib/debug/.build-id" / bid.hex()[:2] / f"{bid.hex()[2:]}.debug"
+    if not dbg.exists():
+        pytest.skip(f"no debug file for bullseye's ld.so at {dbg}")
+    fd = os.open(dbg, os.O_RDONLY)
+    try:
+        dw = dwarf_glibc_layout(fd)
+    finally:
+        os.close(fd)
+    assert dw is not None
+    row, rrow = table.glibc_row(VERSION, "x86_64"), table.rtld_row(VERSION, "x86_64")
+    assert row is not None and rrow is not None and row.verified.startswith("2.31")
+    tab = layout_from_row(row, rrow)
+    fields = ("file_id", "l_real", "l_ns", "l_phdr", "l_phnum", "l_map_start", "l_map_end",
+              "l_type", "l_removed", "l_local_scope", "ns_size", "nns", "load_lock", "ns_debug")
+    assert {f: getattr(dw, f) for f in fields} == {f: getattr(tab, f) for f in fields}
