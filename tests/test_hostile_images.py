@@ -977,6 +977,21 @@ def test_analyse_baseline_reaches_a_writable_stale_object() -> None:
     assert not ins.partial
 
 
+@pytest.mark.parametrize("readable", [K + 8, ROW.file_id + 8])
+def test_analyse_map_read_short_fails_the_cross_check(readable: int) -> None:
+    """A link_map whose memory ends part way (a racing dlclose, a hostile
+    target): the layout fails the cross-check and says why; no exception
+    escapes, whatever the layout's fields the short read misses."""
+    def cut(segs: list[tuple[int, bytearray]], addrs: list[int]) -> None:
+        start, buf = segs[0]
+        del buf[addrs[2] - start + readable:]
+    mem, maps, _ = verified_scene(mutate=cut)
+    ins = analyse(mem, R_DEBUG, maps=maps, version="2.36", root=FakeRoot(new_id))
+    assert ins.loader.layout_source is None
+    assert f"only {readable} bytes readable" in (ins.loader.layout_error or "")
+    assert all(o.status is Status.UNKNOWN and not o.writable for o in ins.objects)
+
+
 @pytest.mark.parametrize("image", [
     lambda i: elf_image(ei_class=1),
     lambda i: elf_image(phoff=(1 << 64) - 8),

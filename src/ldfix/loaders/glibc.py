@@ -311,19 +311,18 @@ class GlibcBackend:
         if layout is None:
             info.layout_error = why
         else:
-            for o in objects:
-                m = by_addr[o.address]
-                removed = layout.l_removed is not None and \
-                    bool(m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1)
-                slots[o.address] = IdSlot(FileId.unpack(m.raw[layout.file_id:layout.file_id + 16]),
-                                          o.address + layout.file_id, removed)
-            # The files are looked up while the layout is cross-checked; the
-            # lookups only read (ids, build-ids), and are dropped if it fails.
-            lookups = Lookups(root, objects, slots, unnamed, background=True)
+            if all(len(m.raw) >= layout.span for m in all_maps):
+                slots = self._slots(layout, objects, by_addr)
+                # The files are looked up while the layout is cross-checked;
+                # the lookups only read (ids, build-ids), and are dropped if
+                # it fails.  (A map read short fails the cross-check, which
+                # says so: then nothing is looked up.)
+                lookups = Lookups(root, objects, slots, unnamed, background=True)
             try:
                 problems = self.cross_check(layout, lists, roles)
             finally:
-                lookups.wait()
+                if lookups is not None:
+                    lookups.wait()
             if problems:
                 info.layout_error = (f"layout from {layout.source} failed the cross-check on the "
                                      f"target: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -339,7 +338,8 @@ class GlibcBackend:
                 elif m.l_ld:
                     # No l_map_start in this layout: the lowest mapping of the file holding l_ld.
                     o.map_start = view.file_start(m.l_ld)
-            classify(mem, root, objects, slots, unnamed, view.open_mapped, lookups)
+            classify(mem, root, objects, slots or self._slots(layout, objects, by_addr), unnamed,
+                     view.open_mapped, lookups)
             busy = self._busy_fields(layout, lists)
             info.lock_check = "r_state and _dl_load_lock" if any(b.owner_offset is not None for b in busy) \
                 else "r_state only"
@@ -355,6 +355,18 @@ class GlibcBackend:
             inspection.busy = busy_reason(mem, fields)
         relink = Reachable(mem, [m.addr for m in all_maps], table.L_NEXT, table.L_PREV, MAX_OBJECTS)
         return Analysis(inspection, busy, members=lambda m: self.members(m, pre, relink))
+
+    @staticmethod
+    def _slots(layout: GlibcLayout, objects: list[LoadedObject], by_addr: dict[int, RawMap]) -> dict[int, IdSlot]:
+        """Where each object's id lives, and what it holds (maps read whole only)."""
+        slots = {}
+        for o in objects:
+            m = by_addr[o.address]
+            removed = layout.l_removed is not None and \
+                bool(m.raw[layout.l_removed[0]] >> layout.l_removed[1] & 1)
+            slots[o.address] = IdSlot(FileId.unpack(m.raw[layout.file_id:layout.file_id + 16]),
+                                      o.address + layout.file_id, removed)
+        return slots
 
     def members(self, mem: Memory, pre: GlibcLayout | None, relink: Reachable) -> set[int]:
         """Addresses of every link_map reachable now (public fields only).
