@@ -64,18 +64,32 @@ def _backend(view: TargetView, arch: str, options: Options):  # type: ignore[no-
                             f"{interp.path.decode(errors='backslashreplace')}", pid=view.proc.pid)
 
 
-@contextmanager
-def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
-    options = options or Options.from_env()
+def pinned(pid: int) -> Process:
+    """The process `pid`, pinned (Process.pin) before anything of it is read:
+    sessions opened on it then refuse a process that took its pid since."""
     proc = Process(pid)
-    # Pinned before anything is read: a write can never land in a process
-    # that took this pid after the analysed one exited (repair checks).
-    proc.pin()
-    check_target(proc)
-    arch = arch_name(proc)
-    mem = ProcessMemory(proc.pid)
-    view = root = None
     try:
+        proc.pin()
+    except BaseException:
+        proc.close()
+        raise
+    return proc
+
+
+@contextmanager
+def open_session(pid: int | Process, options: Options | None = None) -> Iterator[Session]:
+    """Analyse `pid` (a pinned Process, to keep one identity over several
+    sessions; a pid is pinned for this session only)."""
+    options = options or Options.from_env()
+    owned = not isinstance(pid, Process)
+    proc = pinned(pid) if isinstance(pid, int) else pid
+    mem = view = root = None
+    try:
+        if not proc.still_same():
+            raise NoSuchProcess(f"pid {proc.pid}: exited during the run", pid=proc.pid)
+        check_target(proc)
+        arch = arch_name(proc)
+        mem = ProcessMemory(proc.pid)
         view = open_target(proc, mem)
         if view.r_debug == 0:
             raise UnsupportedTarget(f"pid {proc.pid}: the loader has not filled DT_DEBUG "
@@ -83,9 +97,13 @@ def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
         backend = _backend(view, arch, options)
         root = RootView(proc)
         analysis = backend.analyse(root)
+        if not proc.still_same():  # what was read may mix two processes
+            raise NoSuchProcess(f"pid {proc.pid}: exited during the run", pid=proc.pid)
         yield Session(proc, mem, view, root, analysis)
     except (LdfixError, ValueError, IndexError, OverflowError, OSError) as exc:
-        if not proc.alive():
+        if isinstance(exc, NoSuchProcess):
+            raise
+        if not proc.still_same():
             raise NoSuchProcess(f"pid {proc.pid}: exited during the run", pid=proc.pid) from None
         if isinstance(exc, LdfixError):
             raise
@@ -99,8 +117,10 @@ def open_session(pid: int, options: Options | None = None) -> Iterator[Session]:
             root.close()
         if view is not None:
             view.close()
-        mem.close()
-        proc.close()
+        if mem is not None:
+            mem.close()
+        if owned:
+            proc.close()
 
 
 def inspect(pid: int, *, debug_dirs: Sequence[str] | None = None,
@@ -115,12 +135,16 @@ def inspect(pid: int, *, debug_dirs: Sequence[str] | None = None,
         options = Options(debug_dirs=tuple(debug_dirs) if debug_dirs is not None else env.debug_dirs,
                           sources=frozenset(sources) & ALL_SOURCES if sources is not None else env.sources)
     delay = 0.001
-    for _ in range(INSPECT_ATTEMPTS):
-        with open_session(pid, options) as s:
-            ins = s.inspection
-        if not ins.busy:
-            break
-        # Read while a dlopen/dlclose ran: the lists may have looked torn.
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    proc = pinned(pid)
+    try:
+        for _ in range(INSPECT_ATTEMPTS):
+            with open_session(proc, options) as s:
+                ins = s.inspection
+            if not ins.busy:
+                break
+            # Read while a dlopen/dlclose ran: the lists may have looked torn.
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+    finally:
+        proc.close()
     return ins

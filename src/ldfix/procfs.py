@@ -71,33 +71,48 @@ class Process:
             raise UnsupportedTarget(f"pid {pid}: kernel thread, no user-space loader", pid=pid)
 
     _pidfd: int | None = None
+    _start: bytes | None = None
 
     def pin(self) -> None:
-        """Hold a pidfd on the process (Linux 5.3+): from then on still_same()
-        tells whether self.pid names this very process, not one that got its
-        pid after it exited.  Without pidfds (ENOSYS) nothing is pinned."""
-        if self._pidfd is not None:
+        """Pin the process: from then on still_same() tells whether self.pid
+        names this very process, not one that got its pid after it exited.
+        A pidfd where the kernel gives one (Linux 5.3+; not under a seccomp
+        filter refusing pidfd_open), else its start time."""
+        if self._pidfd is not None or self._start is not None:
             return
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             raise NoSuchProcess(f"pid {self.pid}: no such process", pid=self.pid) from None
         except OSError as exc:
-            if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+            if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EPERM, errno.EACCES):
                 raise from_oserror(exc, self.pid, "pidfd_open") from None
+        self._start = self._starttime()
+        if self._start is None:
+            raise NoSuchProcess(f"pid {self.pid}: exited during the run", pid=self.pid)
+
+    def _starttime(self) -> bytes | None:
+        try:
+            with open(f"{self.dir}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[1].split()[19]  # field 22, starttime
+        except (OSError, IndexError):
+            return None
 
     def still_same(self) -> bool:
-        """False once the pinned process has exited (its pid may name another)."""
-        if self._pidfd is None:
-            return self.alive()
-        import signal
-        try:
-            signal.pidfd_send_signal(self._pidfd, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # it exists
-        return True
+        """Whether the pinned process still exists (as a zombie too: its pid
+        cannot be taken before it is reaped); False once another may hold its pid."""
+        if self._pidfd is not None:
+            import signal
+            try:
+                signal.pidfd_send_signal(self._pidfd, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass  # it exists
+            return True
+        if self._start is not None:
+            return self._starttime() == self._start
+        return self.alive()
 
     def close(self) -> None:
         if self._pidfd is not None:

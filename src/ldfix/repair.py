@@ -15,12 +15,13 @@ import os
 import time
 from typing import NamedTuple
 
-from ldfix.api import Options, Session, open_session
+from ldfix.api import Options, Session, open_session, pinned
 from ldfix.errors import CorruptTarget, LayoutUnverified, LdfixError, LoaderBusy, NoSuchProcess, WriteFailed
 from ldfix.errors import AccessDenied
 from ldfix.freeze import Freeze, freeze, tracer_of
 from ldfix.memory import Swapper, swap16
 from ldfix.model import FileId, LoaderInfo, Record, Status
+from ldfix.procfs import Process
 
 MAX_ATTEMPTS = 20
 PLAN_ATTEMPTS = 5
@@ -151,13 +152,23 @@ def fix(pid: int, dry_run: bool = False, *, options: Options | None = None,
     `stopped_by` names who holds the target's threads (e.g. "criu"), in which
     case ldfix does not attach.  Raises LdfixError when nothing could be done;
     returns the report otherwise."""
+    proc = pinned(pid)  # one identity for every attempt: a pid taken meanwhile is refused
+    try:
+        return _fix(proc, dry_run, options, stopped_by, max_attempts)
+    finally:
+        proc.close()
+
+
+def _fix(proc: Process, dry_run: bool, options: Options | None, stopped_by: str | None,
+         max_attempts: int) -> FixReport:
+    pid = proc.pid
     report = FixReport(pid=pid, dry_run=dry_run)
     pause_ns = 0
     delay = BACKOFF_START
     why = ""
     saw_busy = False
     while report.attempts < max_attempts:
-        with open_session(pid, options) as session:
+        with open_session(proc, options) as session:
             report.pid = session.proc.pid
             report.loader = session.inspection.loader
             try:
@@ -185,6 +196,8 @@ def fix(pid: int, dry_run: bool = False, *, options: Options | None = None,
             prep = Prepared.of(session, plan)
             while report.attempts < max_attempts:
                 report.attempts += 1
+                if not proc.still_same():
+                    raise NoSuchProcess(f"pid {pid}: exited during the run (nothing written)", pid=pid)
                 fz = _hold(session, stopped_by)
                 report.freeze = fz.mode
                 with fz:
