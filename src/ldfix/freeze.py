@@ -82,15 +82,30 @@ def _wait_stop(tid: int, deadline: float) -> int | None:
                 if event:  # interrupt or group stop: nothing to pass on
                     return 0
                 return sig  # signal-delivery stop: give the signal back at detach
-        if time.monotonic() > deadline:
-            raise LdfixError(f"thread {tid} did not stop within {STOP_TIMEOUT:.0f} s "
-                             "(uninterruptible sleep?)")
         if spins < 200:  # a PTRACE_INTERRUPT stop takes microseconds: yield before sleeping
             spins += 1
             os.sched_yield()
             continue
+        if _exited(tid):
+            # Killed meanwhile.  A thread-group leader that exited is not
+            # reported while other (traced) threads are unreaped: it would
+            # never stop, and its waitpid never return.
+            return None
+        if time.monotonic() > deadline:
+            raise LdfixError(f"thread {tid} did not stop within {STOP_TIMEOUT:.0f} s "
+                             "(uninterruptible sleep?)")
         time.sleep(delay)
         delay = min(delay * 2, 5e-3)
+
+
+def _exited(tid: int) -> bool:
+    """Whether thread `tid` is gone or a zombie."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X", b"x")
 
 
 def _test_hold() -> None:
