@@ -74,6 +74,7 @@ int main(int argc, char **argv)
     int status;
     pid_t pid = fork();
     if (pid == 0) {
+        freopen("/dev/null", "w", stdout);  /* only the figure goes to our stdout */
         execvp(argv[1], argv + 1);
         _exit(127);
     }
@@ -93,8 +94,10 @@ def run_rss(argv: list[str], work: Path) -> int:
         src.write_text(RSS_OF)
         subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
         _RSS_TOOL.append(str(exe))
-    out = subprocess.run([_RSS_TOOL[0], *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([_RSS_TOOL[0], *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{argv} failed ({out.returncode}): {out.stderr.strip()}")
+    return int(out.stdout.strip())
 
 
 def median(xs: list[float]) -> float:
@@ -187,12 +190,13 @@ def fix_runs(pid: int, libs: Libs, runs: int, extra: list[str] | None = None,
     return times, pauses, ref_times
 
 
-def paired(measure: Callable[[], float], ref: list[str], runs: int) -> tuple[float, float]:
+def paired(measure: Callable[[], float], ref: list[str], runs: int,
+           env: dict[str, str] | None = None) -> tuple[float, float]:
     """Medians of `measure` and of the reference, run alternately."""
     a, b = [], []
     for _ in range(runs):
         a.append(measure())
-        b.append(timed(ref)[0])
+        b.append(timed(ref, env=env)[0])
     return median(a), median(b)
 
 
@@ -254,7 +258,7 @@ def main() -> int:
             res.goal("MEM", "peak RSS fix W1 vs import ldfix", median(fix_rss), import_rss, 2 * import_rss, "KiB")
         if want("G6"):
             env = dict(os.environ, CRTOOLS_SCRIPT_ACTION="pre-dump")
-            ign, true = paired(lambda: timed([HOOK], env=env)[0], ["/bin/true"], max(runs, 21))
+            ign, true = paired(lambda: timed([HOOK], env=env)[0], ["/bin/true"], max(runs, 21), env)
             res.goal("G6", "hook, ignored stage vs /bin/true", ign, true, 3 * true)
 
             def acting() -> float:
