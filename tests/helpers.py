@@ -314,3 +314,54 @@ def chroot_box(trixie: Path, fx: Fixtures) -> Iterator[Chroot]:
         shutil.rmtree(host_dir, ignore_errors=True)
         assert not stray, f"processes left running from {host_dir}: {stray}"
         assert not host_mounts, f"mounts leaked into the host's namespace: {host_mounts}"
+
+
+# --- ELF and DWARF facts of files on the host ---------------------------------------------
+
+def elf_build_id(path: Path) -> bytes:
+    """The GNU build-id of an ELF file (asserted present)."""
+    from ldfix.elf import ElfFile
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bid = ElfFile(fd, os.fstat(fd).st_size).build_id()
+    finally:
+        os.close(fd)
+    assert bid, f"{path} has no build-id"
+    return bid
+
+
+def debug_file(base: Path, build_id: bytes) -> Path:
+    """Where a debug file for `build_id` sits below a debug directory."""
+    h = build_id.hex()
+    return base / ".build-id" / h[:2] / f"{h[2:]}.debug"
+
+
+def dwarf_layout(debug: Path):  # type: ignore[no-untyped-def]
+    """The glibc layout ldfix reads from a debug file's DWARF."""
+    from ldfix.layout import dwarf_glibc_layout
+
+    fd = os.open(debug, os.O_RDONLY)
+    try:
+        return dwarf_glibc_layout(fd)
+    finally:
+        os.close(fd)
+
+
+ROW_FIELDS = ("file_id", "l_real", "l_ns", "l_phdr", "l_phnum", "l_map_start", "l_map_end",
+              "l_type", "l_removed", "l_local_scope", "ns_size", "nns", "load_lock")
+
+
+def assert_table_matches_dwarf(dwarf, version: str, extra: tuple[str, ...] = ()) -> None:  # type: ignore[no-untyped-def]
+    """The layout table's x86_64 rows for `version` agree with a DWARF layout
+    on every field ldfix reads (and `extra` ones)."""
+    from ldfix import layouts_table as table
+    from ldfix.layout import layout_from_row
+
+    assert dwarf is not None
+    row, rrow = table.glibc_row(version, "x86_64"), table.rtld_row(version, "x86_64")
+    assert row is not None and rrow is not None and row.verified.startswith(version)
+    tab = layout_from_row(row, rrow)
+    fields = ROW_FIELDS + extra
+    assert {f: getattr(dwarf, f) for f in fields} == {f: getattr(tab, f) for f in fields}
+

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import Fixtures, Target, replace_with_copy
+from helpers import Fixtures, Target, debug_file, elf_build_id, replace_with_copy
 
 from ldfix.errors import ExitCode
 from ldfix.report import escape
@@ -291,14 +291,7 @@ def scene(fx: Fixtures) -> Iterator[Scene]:
         shutil.copy2(fx.lib, root / "lib/libplain.so")
         # A debug file "for" the target's ld.so that is an absolute symlink to the host.
         ldso = next(p for p in shared_libraries(fx.target) if "ld-linux" in p.name)
-        from ldfix.elf import ElfFile
-        fd = os.open(ldso, os.O_RDONLY)
-        try:
-            bid = ElfFile(fd, os.fstat(fd).st_size).build_id()
-        finally:
-            os.close(fd)
-        assert bid
-        dbg = root / "usr/lib/debug/.build-id" / bid.hex()[:2] / f"{bid.hex()[2:]}.debug"
+        dbg = debug_file(root / "usr/lib/debug", elf_build_id(ldso))
         dbg.parent.mkdir(parents=True)
         dbg.symlink_to(canary.dir / "link/ld.debug")
         t = start_chrooted(root, fx)

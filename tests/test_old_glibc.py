@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 import ldfix
-from helpers import FIXTURE_SRC, Chroot, Fixtures, Target, chroot_box, ldfix as run_ldfix, replace_with_copy
+from helpers import (FIXTURE_SRC, Chroot, Fixtures, Target, assert_table_matches_dwarf, chroot_box, debug_file,
+                     dwarf_layout, elf_build_id, ldfix as run_ldfix, replace_with_copy)
 from ldfix.model import Status
 
 BULLSEYE_ROOT = Path(os.environ.get("LDFIX_TEST_BULLSEYE", "/var/cache/ldfix-tests/bullseye"))
@@ -146,29 +147,7 @@ def test_table_rows_for_231_match_dwarf(bullseye: Path) -> None:
     bullseye's own DWARF (libc6-dbg), on every field ldfix reads, _dl_ns's
     stride and _ns_debug included (2.31 has no r_next chain: they are how the
     namespaces are found)."""
-    from ldfix import layouts_table as table
-    from ldfix.elf import ElfFile
-    from ldfix.layout import dwarf_glibc_layout, layout_from_row
-
-    ld = bullseye / "lib/x86_64-linux-gnu/ld-2.31.so"
-    fd = os.open(ld, os.O_RDONLY)
-    try:
-        bid = ElfFile(fd, os.fstat(fd).st_size).build_id()
-    finally:
-        os.close(fd)
-    assert bid
-    dbg = bullseye / "usr/lib/debug/.build-id" / bid.hex()[:2] / f"{bid.hex()[2:]}.debug"
+    dbg = debug_file(bullseye / "usr/lib/debug", elf_build_id(bullseye / "lib/x86_64-linux-gnu/ld-2.31.so"))
     if not dbg.exists():
         pytest.skip(f"no debug file for bullseye's ld.so at {dbg}")
-    fd = os.open(dbg, os.O_RDONLY)
-    try:
-        dw = dwarf_glibc_layout(fd)
-    finally:
-        os.close(fd)
-    assert dw is not None
-    row, rrow = table.glibc_row(VERSION, "x86_64"), table.rtld_row(VERSION, "x86_64")
-    assert row is not None and rrow is not None and row.verified.startswith("2.31")
-    tab = layout_from_row(row, rrow)
-    fields = ("file_id", "l_real", "l_ns", "l_phdr", "l_phnum", "l_map_start", "l_map_end",
-              "l_type", "l_removed", "l_local_scope", "ns_size", "nns", "load_lock", "ns_debug")
-    assert {f: getattr(dw, f) for f in fields} == {f: getattr(tab, f) for f in fields}
+    assert_table_matches_dwarf(dwarf_layout(dbg), VERSION, extra=("ns_debug",))

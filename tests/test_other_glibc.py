@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 
 import ldfix
-from helpers import DEBUG_DIR, Chroot, ldfix as run_ldfix, remount_fresh_tmpfs, replace_with_copy
-from ldfix import layouts_table as table
-from ldfix.elf import ElfFile
-from ldfix.layout import dwarf_glibc_layout, layout_from_row
+from helpers import (DEBUG_DIR, Chroot, assert_table_matches_dwarf, debug_file, dwarf_layout, elf_build_id,
+                     ldfix as run_ldfix, remount_fresh_tmpfs, replace_with_copy)
 from ldfix.model import Status
 
 VERSION = "2.41"
@@ -30,19 +28,7 @@ ARCH_LIBDIR = "usr/lib/x86_64-linux-gnu"
 
 
 def loader_build_id(root: Path) -> bytes:
-    path = root / ARCH_LIBDIR / "ld-linux-x86-64.so.2"
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        bid = ElfFile(fd, os.fstat(fd).st_size).build_id()
-    finally:
-        os.close(fd)
-    assert bid, f"{path} has no build-id"
-    return bid
-
-
-def debug_file(base: Path, build_id: bytes) -> Path:
-    h = build_id.hex()
-    return base / ".build-id" / h[:2] / f"{h[2:]}.debug"
+    return elf_build_id(root / ARCH_LIBDIR / "ld-linux-x86-64.so.2")
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +106,7 @@ def test_dump_glibc_241_with_dwarf(box: Chroot, trixie_debug: Path) -> None:
 
 def test_file_id_offset_is_992(box: Chroot, trixie_debug: Path) -> None:
     # What the DWARF of trixie's ld.so says...
-    fd = os.open(trixie_debug, os.O_RDONLY)
-    try:
-        layout = dwarf_glibc_layout(fd)
-    finally:
-        os.close(fd)
+    layout = dwarf_layout(trixie_debug)
     assert layout is not None
     assert layout.file_id == FILE_ID_OFFSET
     # ...is what ldfix uses on a live 2.41 process...
@@ -160,19 +142,7 @@ def test_table_row_for_241_matches_dwarf(trixie_debug: Path) -> None:
     carries the stable-branch fix "_r_debug handling when interposed by the main
     executable", after which that member is _ns_debug_unused (the namespaces'
     r_debug live elsewhere), so its DWARF names no _ns_debug."""
-    fd = os.open(trixie_debug, os.O_RDONLY)
-    try:
-        dw = dwarf_glibc_layout(fd)
-    finally:
-        os.close(fd)
-    assert dw is not None
-    row = table.glibc_row(VERSION, "x86_64")
-    rrow = table.rtld_row(VERSION, "x86_64")
-    assert row is not None and rrow is not None
-    tab = layout_from_row(row, rrow)
-    fields = ("file_id", "l_real", "l_ns", "l_phdr", "l_phnum", "l_map_start", "l_map_end",
-              "l_type", "l_removed", "l_local_scope", "ns_size", "nns", "load_lock")
-    assert {f: getattr(dw, f) for f in fields} == {f: getattr(tab, f) for f in fields}
+    assert_table_matches_dwarf(dwarf_layout(trixie_debug), VERSION)
 
 
 def test_no_dwarf_anywhere_gives_structure_and_table(box: Chroot, trixie: Path, trixie_debug: Path) -> None:

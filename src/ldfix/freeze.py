@@ -14,7 +14,7 @@ import time
 
 from ldfix import native
 from ldfix.errors import AccessDenied, LdfixError, NoSuchProcess
-from ldfix.procfs import Process
+from ldfix.procfs import DEAD_STATES, Process, stat_fields
 
 STOP_TIMEOUT = 2.0     # seconds a thread may take to reach its ptrace stop
 MAX_ROUNDS = 64        # re-listings of /proc/PID/task while threads keep appearing
@@ -100,12 +100,8 @@ def _wait_stop(tid: int, deadline: float) -> int | None:
 
 def _exited(tid: int) -> bool:
     """Whether thread `tid` is gone or a zombie."""
-    try:
-        with open(f"/proc/{tid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in (b"Z", b"X", b"x")
+    fields = stat_fields(f"/proc/{tid}")
+    return not fields or fields[0] in DEAD_STATES
 
 
 def _test_hold() -> None:

@@ -48,6 +48,19 @@ def parse_maps(text: bytes) -> list[Mapping]:
     return out
 
 
+DEAD_STATES = (b"Z", b"X", b"x")  # zombie, dead
+
+
+def stat_fields(task_dir: str) -> list[bytes]:
+    """The fields of TASK_DIR/stat after the command name (state first);
+    [] when it cannot be read (the task is gone)."""
+    try:
+        with open(f"{task_dir}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 class Process:
     """The /proc view of one process (thread group)."""
 
@@ -92,11 +105,8 @@ class Process:
             raise NoSuchProcess(f"pid {self.pid}: exited during the run", pid=self.pid)
 
     def _starttime(self) -> bytes | None:
-        try:
-            with open(f"{self.dir}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[19]  # field 22, starttime
-        except (OSError, IndexError):
-            return None
+        fields = stat_fields(self.dir)
+        return fields[19] if len(fields) > 19 else None  # field 22 of stat: starttime
 
     def still_same(self) -> bool:
         """Whether the pinned process still exists (as a zombie too: its pid
@@ -127,12 +137,8 @@ class Process:
             raise from_oserror(exc, self.pid, f"read /proc/PID/{name}") from None
 
     def alive(self) -> bool:
-        try:
-            with open(f"{self.dir}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-            return state not in (b"Z", b"X")
-        except (OSError, IndexError):
-            return False
+        fields = stat_fields(self.dir)
+        return bool(fields) and fields[0] not in DEAD_STATES
 
     @cached_property
     def auxv(self) -> dict[int, int]:
