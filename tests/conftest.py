@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TRIXIE_ROOT, Chroot, Fixtures, Target, build_fixtures, chroot_box
+from helpers import BULLSEYE_ROOT, TRIXIE_ROOT, Chroot, Fixtures, Target, build_fixtures, chroot_box
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,23 @@ def trixie() -> Path:
     if not (TRIXIE_ROOT / "usr/lib/x86_64-linux-gnu/libc.so.6").exists():
         pytest.skip(f"no Debian trixie root at {TRIXIE_ROOT} (scripts/make-test-roots builds it)")
     return TRIXIE_ROOT
+
+
+@pytest.fixture(scope="session")
+def bullseye() -> Path:
+    """Debian 11: glibc 2.31 (with gcc), musl 1.2.2."""
+    if not (BULLSEYE_ROOT / "lib/x86_64-linux-gnu/libc.so.6").exists():
+        pytest.skip(f"no Debian bullseye root at {BULLSEYE_ROOT} (scripts/make-test-roots builds it)")
+    return BULLSEYE_ROOT.resolve()
+
+
+@pytest.fixture
+def old_musl_box(bullseye: Path, fx_musl: Fixtures) -> Iterator[Chroot]:
+    """musl fixture programs inside the bullseye root (musl 1.2.2)."""
+    if not (bullseye / "lib/ld-musl-x86_64.so.1").exists():
+        pytest.skip(f"no musl in {bullseye} (rebuild it with scripts/make-test-roots)")
+    with chroot_box(bullseye, fx_musl) as c:
+        yield c
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURE_SRC = REPO / "csrc" / "fixtures"
 DEBUG_DIR = "usr/lib/debug"
 TRIXIE_ROOT = Path(os.environ.get("LDFIX_TEST_TRIXIE", "/var/cache/ldfix-tests/trixie"))
+BULLSEYE_ROOT = Path(os.environ.get("LDFIX_TEST_BULLSEYE", "/var/cache/ldfix-tests/bullseye"))
 
 
 @dataclass

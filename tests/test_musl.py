@@ -1,4 +1,5 @@
-"""musl targets: musl 1.2.3 (the host's musl-gcc) and musl 1.2.5 (the trixie root)."""
+"""musl targets: musl 1.2.3 (the host's musl-gcc), 1.2.5 (the trixie root) and
+1.2.2 (the bullseye root)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,16 @@ def test_musl_125_fresh_tmpfs(musl_box: Chroot) -> None:
             subprocess.run(["nsenter", "-t", str(p), "-m", "ln", "-s", musl_box.fx.lib.name,
                             str(host_dir / "alias.so")], check=True)
     check_repair(t, twin, lib, f"{musl_box.inner}/mnt/alias.so", restore_rel, "1.2.5")
+
+
+def test_musl_122_in_bullseye_root(old_musl_box: Chroot) -> None:
+    version = musl_version(old_musl_box.root)
+    assert version == "1.2.2"
+    lib = old_musl_box.lib()
+    alias = f"{old_musl_box.inner}/alias.so"
+    os.symlink(lib, old_musl_box.host(alias))
+    t, twin = old_musl_box.start(), old_musl_box.start()
+    check_repair(t, twin, lib, alias, lambda: replace_with_copy(old_musl_box.host(lib)), version)
 
 
 def test_musl_changed_and_missing(fx_musl: Fixtures, tmp_path: Path) -> None:

@@ -23,15 +23,7 @@ from helpers import (FIXTURE_SRC, Chroot, Fixtures, Target, assert_table_matches
                      dwarf_layout, elf_build_id, ldfix as run_ldfix, replace_with_copy)
 from ldfix.model import Status
 
-BULLSEYE_ROOT = Path(os.environ.get("LDFIX_TEST_BULLSEYE", "/var/cache/ldfix-tests/bullseye"))
 VERSION = "2.31"
-
-
-@pytest.fixture(scope="module")
-def bullseye() -> Path:
-    if not (BULLSEYE_ROOT / "lib/x86_64-linux-gnu/libc.so.6").exists():
-        pytest.skip(f"no Debian bullseye root at {BULLSEYE_ROOT} (scripts/make-test-roots builds it)")
-    return BULLSEYE_ROOT.resolve()
 
 
 @pytest.fixture(scope="module")
