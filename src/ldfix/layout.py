@@ -14,7 +14,7 @@ from __future__ import annotations
 from ldfix.log import getLogger
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from ldfix import layouts_table as table
@@ -72,7 +72,10 @@ def _member_offsets(die: object) -> dict[str, int | tuple[int, int]]:
     for child in die.iter_children():  # type: ignore[attr-defined]
         if child.tag != "DW_TAG_member" or "DW_AT_name" not in child.attributes:
             continue
-        name = child.attributes["DW_AT_name"].value.decode("ascii", "replace")
+        raw_name = child.attributes["DW_AT_name"].value
+        if not isinstance(raw_name, bytes):  # a name in a dwz supplementary file
+            continue
+        name = raw_name.decode("ascii", "replace")
         attrs = child.attributes
         if "DW_AT_data_bit_offset" in attrs:
             bit = attrs["DW_AT_data_bit_offset"].value
@@ -130,30 +133,109 @@ def debug_file_bounded(fd: int) -> str | None:
     return None
 
 
-def dwarf_glibc_layout(fd: int) -> GlibcLayout | None:
+# Opens the file a debug file's .gnu_debugaltlink names (dwz), given that
+# name; the caller resolves it where the debug file was found.
+AltOpener = Callable[[str], "int | None"]
+
+WANTED_STRUCTS = (b"link_map", b"rtld_global", b"link_namespaces")
+
+
+def dwarf_glibc_layout(fd: int, alt: AltOpener | None = None) -> GlibcLayout | None:
     """Member offsets of struct link_map / rtld_global from a debug file.
 
-    Any failure to parse it means "no DWARF": the file may be hostile."""
+    A debug file processed by dwz may keep these structures in its
+    supplementary file (.gnu_debugaltlink): `alt` opens it, and it is used
+    only when its build-id is the one the link names.  Any failure to parse
+    means "no DWARF": the files may be hostile."""
     why = debug_file_bounded(fd)
     if why:
         log.debug("DWARF: debug file refused: %s", why)
         return None
     try:
-        return _dwarf_glibc_layout(fd)
+        found = _dwarf_structs(fd)
+        if alt is not None and not all(k in found for k in WANTED_STRUCTS):
+            for name, value in _alt_structs(fd, alt).items():
+                found.setdefault(name, value)
+        return _layout_of(found)
     except Exception as exc:  # noqa: BLE001 - pyelftools on untrusted input raises anything
         log.debug("DWARF: unreadable debug file: %s: %s", type(exc).__name__, exc)
         return None
 
 
-def _dwarf_glibc_layout(fd: int) -> GlibcLayout | None:
+def _alt_structs(fd: int, alt: AltOpener) -> dict[bytes, tuple[int, dict[str, int | tuple[int, int]]]]:
+    """The wanted structures from the dwz supplementary file, if verified."""
+    link = _altlink(fd)
+    if link is None:
+        return {}
+    path, want_bid = link
+    afd = alt(path)
+    if afd is None:
+        log.debug("DWARF: supplementary file %s not found", path)
+        return {}
+    try:
+        if _section_build_id(afd) != want_bid:
+            log.debug("DWARF: supplementary file %s has another build-id", path)
+            return {}
+        why = debug_file_bounded(afd)
+        if why:
+            log.debug("DWARF: supplementary file refused: %s", why)
+            return {}
+        return _dwarf_structs(afd)
+    finally:
+        os.close(afd)
+
+
+def _named_sections(fd: int) -> tuple[object, list[tuple[bytes, int, int, int]]]:
+    """(ElfFile, [(name, type, offset, size)]) of a file's section headers."""
+    from ldfix.elf import ElfFile
+
+    f = ElfFile(fd, os.fstat(fd).st_size)
+    secs = f.sections()
+    if not secs or f.ehdr.e_shstrndx >= len(secs):
+        return f, []
+    shstr = secs[f.ehdr.e_shstrndx]
+    names = f.pread(shstr[3], min(shstr[4], 1 << 20))
+    out = []
+    for name_off, stype, _addr, off, size, _link in secs:
+        end = names.find(b"\0", name_off)
+        out.append((names[name_off:end] if 0 <= name_off < len(names) and end >= 0 else b"", stype, off, size))
+    return f, out
+
+
+def _altlink(fd: int) -> tuple[str, bytes] | None:
+    """(path, build-id) from .gnu_debugaltlink: a NUL-terminated path, then the id."""
+    f, secs = _named_sections(fd)
+    for name, _stype, off, size in secs:
+        if name == b".gnu_debugaltlink" and 2 <= size <= 4096 + 64:
+            data = f.pread(off, size)  # type: ignore[attr-defined]
+            nul = data.find(b"\0")
+            if 0 < nul < len(data) - 1:
+                return os.fsdecode(data[:nul]), data[nul + 1:]
+    return None
+
+
+def _section_build_id(fd: int) -> bytes | None:
+    """The GNU build-id from a SHT_NOTE section (dwz files have no program headers)."""
+    from ldfix.elf import NOTE_MAX, build_id_from_notes
+
+    f, secs = _named_sections(fd)
+    for _name, stype, off, size in secs:
+        if stype == 7 and 0 < size <= NOTE_MAX:  # SHT_NOTE
+            bid = build_id_from_notes(f.pread(off, size))  # type: ignore[attr-defined]
+            if bid:
+                return bid
+    return None
+
+
+def _dwarf_structs(fd: int) -> dict[bytes, tuple[int, dict[str, int | tuple[int, int]]]]:
+    """{name: (byte size, member offsets)} of the wanted structures a file's DWARF defines."""
     from elftools.elf.elffile import ELFFile  # lazy: costly import
 
-    wanted = {b"link_map", b"rtld_global", b"link_namespaces"}
     found: dict[bytes, tuple[int, dict[str, int | tuple[int, int]]]] = {}
     with os.fdopen(os.dup(fd), "rb") as f:
         elf = ELFFile(f)
         if not elf.has_dwarf_info():
-            return None
+            return found
         dwarf = elf.get_dwarf_info(follow_links=False)
         for i, cu in enumerate(dwarf.iter_CUs()):
             if i > 4096:
@@ -163,10 +245,14 @@ def _dwarf_glibc_layout(fd: int) -> GlibcLayout | None:
                     continue
                 attrs = die.attributes
                 name = attrs["DW_AT_name"].value if "DW_AT_name" in attrs else None
-                if name in wanted and name not in found and "DW_AT_byte_size" in attrs:
+                if name in WANTED_STRUCTS and name not in found and "DW_AT_byte_size" in attrs:
                     found[name] = (attrs["DW_AT_byte_size"].value, _member_offsets(die))
-            if b"link_map" in found and b"rtld_global" in found and b"link_namespaces" in found:
+            if all(k in found for k in WANTED_STRUCTS):
                 break
+    return found
+
+
+def _layout_of(found: dict[bytes, tuple[int, dict[str, int | tuple[int, int]]]]) -> GlibcLayout | None:
     if b"link_map" not in found:
         return None
     lm = found[b"link_map"][1]
@@ -220,7 +306,7 @@ def _trusted_dir(path: str) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
-def dwarf_glibc_layout_cached(fd: int, build_id: bytes) -> GlibcLayout | None:
+def dwarf_glibc_layout_cached(fd: int, build_id: bytes, alt: AltOpener | None = None) -> GlibcLayout | None:
     import json
 
     st = os.fstat(fd)
@@ -239,7 +325,9 @@ def dwarf_glibc_layout_cached(fd: int, build_id: bytes) -> GlibcLayout | None:
                     return GlibcLayout(**raw)
         except (OSError, ValueError, TypeError):
             pass
-    lay = dwarf_glibc_layout(fd)
+    # The key is the debug file alone: a supplementary file is used only
+    # when it has the build-id the debug file names, so it adds nothing.
+    lay = dwarf_glibc_layout(fd, alt)
     if lay is not None and path:
         try:
             tmp = f"{path}.{os.getpid()}"

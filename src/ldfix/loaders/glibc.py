@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ldfix.log import getLogger
 import os
+import posixpath
 import struct
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -194,7 +195,7 @@ class GlibcBackend:
                     if dbid != bid:
                         log.debug("debug file %s (%s) has another build-id", cand, where)
                         continue
-                    lay = dwarf_glibc_layout_cached(fd, bid)
+                    lay = dwarf_glibc_layout_cached(fd, bid, _alt_opener(opener, cand))
                     if lay is not None:
                         log.debug("DWARF layout from %s (%s): l_file_id at %d", cand, where, lay.file_id)
                         return lay, f"{cand} ({where})"
@@ -446,6 +447,14 @@ class GlibcBackend:
         if self.rtld_global is not None and layout.load_lock is not None:
             out.append(BusyField(self.rtld_global + layout.load_lock, 4, "_dl_load_lock", owner_offset=8))
         return out
+
+
+def _alt_opener(opener: Callable[[str], int | None], debug_path: str) -> Callable[[str], int | None]:
+    """Opens a dwz supplementary file where its debug file was found (the same
+    root); a relative name is relative to the debug file's directory."""
+    def open_alt(name: str) -> int | None:
+        return opener(posixpath.normpath(posixpath.join(posixpath.dirname(debug_path), name)))
+    return open_alt
 
 
 def _open_host(path: str) -> int | None:
