@@ -640,14 +640,23 @@ def _respawn_at(pid: int, argv: list[str], tries: int = 5) -> Target | None:
     return None
 
 
-def test_a_pid_reused_between_plan_and_write_gets_nothing(fx: Fixtures, libdir: Path,
+@pytest.mark.parametrize("pin", ["pidfd", "start time"])
+def test_a_pid_reused_between_plan_and_write_gets_nothing(pin: str, fx: Fixtures, libdir: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """(e) The analysed process exits after planning and a new process gets
     its pid: without address randomisation and with the old file loaded, the
     newcomer even holds the planned old id at the planned address, so only
-    the pinned identity (a pidfd) stands between ldfix and a write into it."""
+    the pinned identity (a pidfd, or without one the start time) stands
+    between ldfix and a write into it."""
+    import errno as errno_mod
+
     import ldfix.repair as repair
     from ldfix.errors import NoSuchProcess
+
+    if pin == "start time":
+        def no_pidfd(pid: int, flags: int = 0) -> int:
+            raise OSError(errno_mod.ENOSYS, "pidfd_open: not implemented")
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
 
     lib = libdir / "libldfix_demo.so"
     argv = ["setarch", os.uname().machine, "-R", str(fx.target)]
