@@ -76,14 +76,18 @@ def test_musl_host_fresh_tmpfs(fx_musl: Fixtures, tmp_path: Path) -> None:
         check_repair(t, twin, str(lib), str(d / "alias.so"), restore, musl_version())
 
 
+def check_new_inode_in_root(box: Chroot, version: str) -> None:
+    """musl `version` in a foreign root: a restore by a new inode, repaired."""
+    assert musl_version(box.root) == version
+    lib = box.lib()
+    alias = f"{box.inner}/alias.so"
+    os.symlink(lib, box.host(alias))
+    t, twin = box.start(), box.start()
+    check_repair(t, twin, lib, alias, lambda: replace_with_copy(box.host(lib)), version)
+
+
 def test_musl_125_in_trixie_root(musl_box: Chroot) -> None:
-    version = musl_version(musl_box.root)
-    assert version == "1.2.5"
-    lib = musl_box.lib()
-    alias = f"{musl_box.inner}/alias.so"
-    os.symlink(lib, musl_box.host(alias))
-    t, twin = musl_box.start(), musl_box.start()
-    check_repair(t, twin, lib, alias, lambda: replace_with_copy(musl_box.host(lib)), version)
+    check_new_inode_in_root(musl_box, "1.2.5")
 
 
 def test_musl_125_fresh_tmpfs(musl_box: Chroot) -> None:
@@ -102,13 +106,7 @@ def test_musl_125_fresh_tmpfs(musl_box: Chroot) -> None:
 
 
 def test_musl_122_in_bullseye_root(old_musl_box: Chroot) -> None:
-    version = musl_version(old_musl_box.root)
-    assert version == "1.2.2"
-    lib = old_musl_box.lib()
-    alias = f"{old_musl_box.inner}/alias.so"
-    os.symlink(lib, old_musl_box.host(alias))
-    t, twin = old_musl_box.start(), old_musl_box.start()
-    check_repair(t, twin, lib, alias, lambda: replace_with_copy(old_musl_box.host(lib)), version)
+    check_new_inode_in_root(old_musl_box, "1.2.2")
 
 
 def test_musl_changed_and_missing(fx_musl: Fixtures, tmp_path: Path) -> None:
